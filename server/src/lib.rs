@@ -1,0 +1,1 @@
+//! keyward-server (in progress).

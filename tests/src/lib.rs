@@ -1,0 +1,1 @@
+//! keyward-tests (in progress).
