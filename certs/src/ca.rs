@@ -109,7 +109,10 @@ pub struct IssuedKey {
 
 impl std::fmt::Debug for IssuedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedKey").field("cert", &self.cert).field("key_pem", &"...").finish()
+        f.debug_struct("IssuedKey")
+            .field("cert", &self.cert)
+            .field("key_pem", &"...")
+            .finish()
     }
 }
 
@@ -160,8 +163,12 @@ impl FleetCa {
         let key = new_key()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, format!("keyward fleet CA {domain}"));
-        params.distinguished_name.push(DnType::OrganizationName, "keyward");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("keyward fleet CA {domain}"));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "keyward");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -207,7 +214,13 @@ impl FleetCa {
             return Err(CertError::KeyMismatch);
         }
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
-        Ok(Self { domain, cert_pem, cert_der, issuer, key_pem })
+        Ok(Self {
+            domain,
+            cert_pem,
+            cert_der,
+            issuer,
+            key_pem,
+        })
     }
 
     /// The trust domain.
@@ -249,17 +262,27 @@ impl FleetCa {
         serial: &SerialNumber,
     ) -> Result<CertificateParams, CertError> {
         let mut params = self.leaf_params(validity, serial);
-        params.distinguished_name.push(DnType::CommonName, identity.to_string());
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(identity.uri(&self.domain))?)];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.to_string());
+        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(
+            identity.uri(&self.domain),
+        )?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         Ok(params)
     }
 
     /// Issues the server certificate, with a new key, for the given DNS names and IP addresses.
-    pub fn issue_server(&self, sans: &[String], validity: Validity) -> Result<IssuedKey, CertError> {
+    pub fn issue_server(
+        &self,
+        sans: &[String],
+        validity: Validity,
+    ) -> Result<IssuedKey, CertError> {
         let serial = random_serial();
         let mut params = self.leaf_params(validity, &serial);
-        params.distinguished_name.push(DnType::CommonName, "keyward server");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "keyward server");
         for san in sans {
             let entry = match san.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -271,17 +294,27 @@ impl FleetCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = new_key()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedKey { cert: issued(cert, &serial, validity), key_pem: Zeroizing::new(key.serialize_pem()) })
+        Ok(IssuedKey {
+            cert: issued(cert, &serial, validity),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
     }
 
     /// Issues a certificate for `identity` with a key generated here. Used for the first
     /// operator identity at `init` and in tests; nodes send CSRs instead.
-    pub fn issue_identity(&self, identity: &Identity, validity: Validity) -> Result<IssuedKey, CertError> {
+    pub fn issue_identity(
+        &self,
+        identity: &Identity,
+        validity: Validity,
+    ) -> Result<IssuedKey, CertError> {
         let serial = random_serial();
         let params = self.identity_params(identity, validity, &serial)?;
         let key = new_key()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedKey { cert: issued(cert, &serial, validity), key_pem: Zeroizing::new(key.serialize_pem()) })
+        Ok(IssuedKey {
+            cert: issued(cert, &serial, validity),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
     }
 
     /// Signs a CSR into a certificate for `identity`.
@@ -330,7 +363,8 @@ impl FleetCa {
             .map_err(|e| CertError::BadCertificate(e.to_string()))?;
         let (_, ca) = X509Certificate::from_der(&self.cert_der)
             .map_err(|e| CertError::BadCertificate(e.to_string()))?;
-        cert.verify_signature(Some(ca.public_key())).map_err(|_| CertError::ForeignCertificate)?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| CertError::ForeignCertificate)?;
         let facts = CertificateFacts::read(current)
             .map_err(|e| CertError::BadCertificate(e.to_string()))?;
         if facts.not_after <= OffsetDateTime::now_utc().unix_timestamp() {
@@ -352,7 +386,9 @@ fn is_dns_name(name: &str) -> bool {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -369,7 +405,10 @@ pub struct CsrWithKey {
 
 impl std::fmt::Debug for CsrWithKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CsrWithKey").field("csr_pem", &self.csr_pem).field("key_pem", &"...").finish()
+        f.debug_struct("CsrWithKey")
+            .field("csr_pem", &self.csr_pem)
+            .field("key_pem", &"...")
+            .finish()
     }
 }
 
@@ -379,9 +418,14 @@ pub fn generate_csr(common_name: &str) -> Result<CsrWithKey, CertError> {
     let key = new_key()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     let csr = params.serialize_request(&key)?;
-    Ok(CsrWithKey { csr_pem: csr.pem()?, key_pem: Zeroizing::new(key.serialize_pem()) })
+    Ok(CsrWithKey {
+        csr_pem: csr.pem()?,
+        key_pem: Zeroizing::new(key.serialize_pem()),
+    })
 }
 
 #[cfg(test)]
@@ -407,7 +451,10 @@ mod tests {
         let csr = generate_csr("whatever-the-node-says").unwrap();
         let a = ca.sign_csr(&csr.csr_pem, &node("n1"), day()).unwrap();
         let b = ca.sign_csr(&csr.csr_pem, &node("n1"), day()).unwrap();
-        assert_eq!(Identity::from_certificate(&a.der, &domain()).unwrap(), node("n1"));
+        assert_eq!(
+            Identity::from_certificate(&a.der, &domain()).unwrap(),
+            node("n1")
+        );
         assert_eq!(a.serial.len(), 32);
         assert_ne!(a.serial, b.serial);
         assert_eq!(CertificateFacts::read(&a.der).unwrap().serial, a.serial);
@@ -427,15 +474,25 @@ mod tests {
             "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
             base64_lines(&der)
         );
-        assert!(matches!(ca.sign_csr(&pem, &node("n1"), day()), Err(CertError::BadCsr(_))));
-        assert!(matches!(ca.sign_csr("garbage", &node("n1"), day()), Err(CertError::BadCsr(_))));
+        assert!(matches!(
+            ca.sign_csr(&pem, &node("n1"), day()),
+            Err(CertError::BadCsr(_))
+        ));
+        assert!(matches!(
+            ca.sign_csr("garbage", &node("n1"), day()),
+            Err(CertError::BadCsr(_))
+        ));
     }
 
     fn base64_lines(der: &[u8]) -> String {
         const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in der.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -459,18 +516,29 @@ mod tests {
         let op = Identity::Operator(OperatorName::new("admin").unwrap());
         let issued = loaded.issue_identity(&op, day()).unwrap();
         let csr = generate_csr("x").unwrap();
-        let renewed = ca.renew(&issued.cert.der, &csr.csr_pem, &DenyList::new(), day()).unwrap();
+        let renewed = ca
+            .renew(&issued.cert.der, &csr.csr_pem, &DenyList::new(), day())
+            .unwrap();
         assert_eq!(renewed.0, op);
     }
 
     #[test]
     fn loading_a_key_of_another_ca_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        FleetCa::create(domain(), day()).unwrap().save(dir.path()).unwrap();
+        FleetCa::create(domain(), day())
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
         let other = tempfile::tempdir().unwrap();
-        FleetCa::create(domain(), day()).unwrap().save(other.path()).unwrap();
+        FleetCa::create(domain(), day())
+            .unwrap()
+            .save(other.path())
+            .unwrap();
         std::fs::copy(other.path().join(CA_KEY_FILE), dir.path().join(CA_KEY_FILE)).unwrap();
-        assert!(matches!(FleetCa::load(dir.path(), domain()), Err(CertError::KeyMismatch)));
+        assert!(matches!(
+            FleetCa::load(dir.path(), domain()),
+            Err(CertError::KeyMismatch)
+        ));
     }
 
     #[test]
@@ -498,14 +566,22 @@ mod tests {
 
         let current = ca.issue_identity(&node("n1"), day()).unwrap();
         deny.extend([current.cert.serial.clone()]);
-        let err = ca.renew(&current.cert.der, &csr.csr_pem, &deny, day()).unwrap_err();
-        assert!(matches!(&err, CertError::Denied(s) if *s == current.cert.serial), "{err}");
+        let err = ca
+            .renew(&current.cert.der, &csr.csr_pem, &deny, day())
+            .unwrap_err();
+        assert!(
+            matches!(&err, CertError::Denied(s) if *s == current.cert.serial),
+            "{err}"
+        );
     }
 
     #[test]
     fn server_certificates_refuse_bad_names() {
         let ca = FleetCa::create(domain(), day()).unwrap();
-        assert!(ca.issue_server(&["localhost".into(), "127.0.0.1".into()], day()).is_ok());
+        assert!(
+            ca.issue_server(&["localhost".into(), "127.0.0.1".into()], day())
+                .is_ok()
+        );
         assert!(matches!(
             ca.issue_server(&["bad name".into()], day()),
             Err(CertError::BadSan(name)) if name == "bad name"

@@ -49,7 +49,11 @@ fn io_error<'a>(
     action: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> FileError + 'a {
-    move |source| FileError::Io { action, path: path.to_path_buf(), source }
+    move |source| FileError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Atomically replaces `path` with `bytes`, the new file having permission bits `mode`.
@@ -58,7 +62,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileErro
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
 
     // Create with the final mode from the start, so the bytes are never readable by others.
@@ -75,12 +82,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileErro
         .and_then(|()| file.sync_all());
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
-        return Err(FileError::Io { action: "writing", path: tmp, source: e });
+        return Err(FileError::Io {
+            action: "writing",
+            path: tmp,
+            source: e,
+        });
     }
     drop(file);
 
     fs::rename(&tmp, path).map_err(io_error("renaming into place", path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("syncing directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("syncing directory", dir))
 }
 
 /// Writes a secret file (mode 0600), atomically.
@@ -98,9 +111,14 @@ pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, FileError> {
     let meta = fs::metadata(path).map_err(io_error("reading", path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(FileError::TooOpen { path: path.to_path_buf(), mode });
+        return Err(FileError::TooOpen {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
-    fs::read(path).map(Zeroizing::new).map_err(io_error("reading", path))
+    fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(io_error("reading", path))
 }
 
 /// Reads a public file.
@@ -124,7 +142,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.pem");
         write_secret(&path, b"secret").unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(read_secret(&path).unwrap().as_slice(), b"secret");
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -137,7 +158,10 @@ mod tests {
         fs::write(&path, b"old").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         write_secret(&path, b"new").unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(fs::read(&path).unwrap(), b"new");
     }
 
@@ -149,8 +173,14 @@ mod tests {
         for mode in [0o644, 0o640, 0o604, 0o610] {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
             let err = read_secret(&path).unwrap_err();
-            assert!(matches!(err, FileError::TooOpen { mode: m, .. } if m == mode), "{err}");
-            assert!(err.to_string().contains(&format!("mode {mode:#o}")), "{err}");
+            assert!(
+                matches!(err, FileError::TooOpen { mode: m, .. } if m == mode),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains(&format!("mode {mode:#o}")),
+                "{err}"
+            );
         }
         fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
         assert!(read_secret(&path).is_ok());

@@ -194,10 +194,17 @@ impl Envelope {
                 let sig = STANDARD
                     .decode(s.sig.as_bytes())
                     .map_err(|_| EnvelopeError::Base64 { field: "sig" })?;
-                Ok(EnvelopeSignature { keyid: s.keyid, sig })
+                Ok(EnvelopeSignature {
+                    keyid: s.keyid,
+                    sig,
+                })
             })
             .collect::<Result<Vec<_>, EnvelopeError>>()?;
-        Ok(Self { payload_type: wire.payload_type, payload, signatures })
+        Ok(Self {
+            payload_type: wire.payload_type,
+            payload,
+            signatures,
+        })
     }
 
     /// Encodes the envelope as compact JSON.
@@ -208,7 +215,10 @@ impl Envelope {
             signatures: self
                 .signatures
                 .iter()
-                .map(|s| WireSignature { keyid: s.keyid.clone(), sig: STANDARD.encode(&s.sig) })
+                .map(|s| WireSignature {
+                    keyid: s.keyid.clone(),
+                    sig: STANDARD.encode(&s.sig),
+                })
                 .collect(),
         };
         // Serializing a struct of strings into a Vec cannot fail.
@@ -225,7 +235,11 @@ impl Envelope {
                 sig: key.key.sign(&message).to_bytes().to_vec(),
             })
             .collect();
-        Self { payload_type: payload_type.to_owned(), payload, signatures }
+        Self {
+            payload_type: payload_type.to_owned(),
+            payload,
+            signatures,
+        }
     }
 }
 
@@ -245,7 +259,9 @@ impl ManifestSigningKey {
 
     /// Makes the key from its 32-byte seed.
     pub fn from_seed(seed: &[u8]) -> Result<Self, KeyError> {
-        let seed: &[u8; 32] = seed.try_into().map_err(|_| KeyError::Malformed("seed is not 32 bytes"))?;
+        let seed: &[u8; 32] = seed
+            .try_into()
+            .map_err(|_| KeyError::Malformed("seed is not 32 bytes"))?;
         Ok(Self::from_signing_key(SigningKey::from_bytes(seed)))
     }
 
@@ -334,20 +350,24 @@ impl TrustRoot {
 
     /// Parses the JSON file form: `{"keys":[{"keyid":"…","public":"<base64>"}]}`.
     pub fn from_json(bytes: &[u8]) -> Result<Self, KeyError> {
-        let wire: WireTrustRoot =
-            serde_json::from_slice(bytes).map_err(|_| KeyError::Malformed("trust root is not valid JSON"))?;
+        let wire: WireTrustRoot = serde_json::from_slice(bytes)
+            .map_err(|_| KeyError::Malformed("trust root is not valid JSON"))?;
         let mut root = Self::default();
         for entry in wire.keys {
             let raw = STANDARD
                 .decode(entry.public.as_bytes())
                 .map_err(|_| KeyError::Malformed("public key is not base64"))?;
-            let raw: [u8; 32] =
-                raw.try_into().map_err(|_| KeyError::Malformed("public key is not 32 bytes"))?;
+            let raw: [u8; 32] = raw
+                .try_into()
+                .map_err(|_| KeyError::Malformed("public key is not 32 bytes"))?;
             let key = VerifyingKey::from_bytes(&raw)
                 .map_err(|_| KeyError::Malformed("public key is not a curve point"))?;
             let actual = KeyId::of(&key);
             if actual.as_str() != entry.keyid {
-                return Err(KeyError::KeyIdMismatch { stated: entry.keyid, actual: actual.0 });
+                return Err(KeyError::KeyIdMismatch {
+                    stated: entry.keyid,
+                    actual: actual.0,
+                });
             }
             root.add(key)?;
         }

@@ -73,10 +73,12 @@ impl Identity {
         let bad_path = || IdentityError::BadPath(uri.chars().take(120).collect());
         let (kind, id) = path.split_once('/').ok_or_else(bad_path)?;
         match kind {
-            "node" => NodeId::new(id).map(Identity::Node).map_err(IdentityError::BadId),
-            "operator" => {
-                OperatorName::new(id).map(Identity::Operator).map_err(IdentityError::BadId)
-            }
+            "node" => NodeId::new(id)
+                .map(Identity::Node)
+                .map_err(IdentityError::BadId),
+            "operator" => OperatorName::new(id)
+                .map(Identity::Operator)
+                .map_err(IdentityError::BadId),
             _ => Err(bad_path()),
         }
     }
@@ -146,7 +148,10 @@ impl CertificateFacts {
 /// Lower-case hex of a serial's big-endian bytes without leading zero bytes, the form used in
 /// the deny list and shown to operators.
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
     hex::encode(&raw[start..])
 }
 
@@ -182,7 +187,9 @@ mod tests {
         ));
         assert_eq!(
             Identity::parse_uri("spiffe://fleet.test/admin/n1", &domain()),
-            Err(IdentityError::BadPath("spiffe://fleet.test/admin/n1".into()))
+            Err(IdentityError::BadPath(
+                "spiffe://fleet.test/admin/n1".into()
+            ))
         );
         assert!(matches!(
             Identity::parse_uri("spiffe://fleet.test/node/N1", &domain()),

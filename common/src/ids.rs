@@ -16,7 +16,9 @@ use sha2::{Digest as _, Sha256};
 #[non_exhaustive]
 pub enum IdError {
     /// The identifier does not match `[a-z0-9][a-z0-9.-]{0,62}`.
-    #[error("{kind} {value:?} is invalid: use 1 to 63 characters from a-z, 0-9, '.' and '-', starting with a letter or digit")]
+    #[error(
+        "{kind} {value:?} is invalid: use 1 to 63 characters from a-z, 0-9, '.' and '-', starting with a letter or digit"
+    )]
     BadName {
         /// Which kind of identifier was expected.
         kind: &'static str,
@@ -142,7 +144,9 @@ impl TrustDomain {
         let value = value.into();
         let ok = !value.is_empty()
             && value.len() <= 253
-            && value.split('.').all(|label| check_name("trust domain", label).is_ok());
+            && value
+                .split('.')
+                .all(|label| check_name("trust domain", label).is_ok());
         if ok {
             Ok(Self(value))
         } else {
@@ -187,7 +191,9 @@ impl Sha256Digest {
 
     /// Parses 64 lower-case hex digits.
     pub fn parse_hex(value: &str) -> Result<Self, IdError> {
-        let lower = value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let lower = value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         let mut out = [0u8; 32];
         if value.len() != 64 || !lower || hex::decode_to_slice(value, &mut out).is_err() {
             return Err(IdError::BadDigest(value.chars().take(80).collect()));
@@ -274,10 +280,23 @@ mod tests {
         for ok in ["a", "node-1", "0.db-2", &"a".repeat(63)] {
             assert!(NodeId::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", ".a", "A", "a_b", "a/b", "a b", "é", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "A",
+            "a_b",
+            "a/b",
+            "a b",
+            "é",
+            &"a".repeat(64),
+        ] {
             assert_eq!(
                 NodeId::new(bad),
-                Err(IdError::BadName { kind: "node id", value: bad.chars().take(80).collect() }),
+                Err(IdError::BadName {
+                    kind: "node id",
+                    value: bad.chars().take(80).collect()
+                }),
             );
         }
     }

@@ -18,12 +18,15 @@
 //! - [`identity`]: SPIFFE-style identities in certificate URI SANs.
 //! - [`tls`]: rustls configurations (TLS 1.3, fleet CA only, deny list, CA pinning).
 //! - [`api`]: JSON bodies of the node API.
+//! - `client` (feature `client`): a small HTTPS client for the API.
 //! - [`secret`]: zeroizing containers for secret bytes.
 //! - [`time`]: the clock, in unix seconds.
 
 #![warn(missing_docs)]
 
 pub mod api;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod dsse;
 pub mod identity;
 pub mod ids;

@@ -88,10 +88,10 @@ impl EnvVar {
     /// Whether the name is a portable environment variable name and the value has no NUL.
     pub fn is_valid(&self) -> bool {
         let mut chars = self.name.chars();
-        let first = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-        first
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !self.value.contains('\0')
+        let first = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        first && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') && !self.value.contains('\0')
     }
 }
 

@@ -45,7 +45,9 @@ pub enum PathError {
         allowed: String,
     },
     /// The mode has bits above 0o777 (setuid, setgid, sticky or file type bits).
-    #[error("mode {0:#o} is not allowed: only permission bits up to 0o777, no setuid, setgid or sticky")]
+    #[error(
+        "mode {0:#o} is not allowed: only permission bits up to 0o777, no setuid, setgid or sticky"
+    )]
     BadMode(u32),
 }
 
@@ -59,7 +61,10 @@ impl SafePath {
         // The shown value in errors is cut so a huge input cannot bloat a log line.
         let shown = || path.chars().take(80).collect::<String>();
         if path.len() > MAX_PATH_LEN {
-            return Err(PathError::TooLong { len: path.len(), max: MAX_PATH_LEN });
+            return Err(PathError::TooLong {
+                len: path.len(),
+                max: MAX_PATH_LEN,
+            });
         }
         if path.chars().any(char::is_control) {
             return Err(PathError::ControlCharacter(shown()));
@@ -119,7 +124,11 @@ impl FileMode {
 
     /// Checks that `mode` has only permission bits.
     pub fn new(mode: u32) -> Result<Self, PathError> {
-        if mode & !0o777 == 0 { Ok(Self(mode)) } else { Err(PathError::BadMode(mode)) }
+        if mode & !0o777 == 0 {
+            Ok(Self(mode))
+        } else {
+            Err(PathError::BadMode(mode))
+        }
     }
 
     /// The permission bits.
@@ -150,8 +159,13 @@ pub struct PathRules {
 impl PathRules {
     /// The prefixes used when none are configured: SSH configuration, root's and users' home
     /// directories, and keyward's own directory for secret files.
-    pub const DEFAULT_PREFIXES: [&'static str; 5] =
-        ["/root/.ssh", "/etc/ssh", "/home", "/etc/keyward", "/run/keyward"];
+    pub const DEFAULT_PREFIXES: [&'static str; 5] = [
+        "/root/.ssh",
+        "/etc/ssh",
+        "/home",
+        "/etc/keyward",
+        "/run/keyward",
+    ];
 
     /// Rules allowing files under any of `prefixes`. Each prefix must itself be a [`SafePath`].
     pub fn new<I, S>(prefixes: I) -> Result<Self, PathError>
@@ -185,7 +199,12 @@ impl PathRules {
         } else {
             Err(PathError::OutsidePrefixes {
                 path: path.as_str().chars().take(80).collect(),
-                allowed: self.prefixes.iter().map(SafePath::as_str).collect::<Vec<_>>().join(", "),
+                allowed: self
+                    .prefixes
+                    .iter()
+                    .map(SafePath::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })
         }
     }
@@ -194,7 +213,10 @@ impl PathRules {
 impl Default for PathRules {
     fn default() -> Self {
         Self {
-            prefixes: Self::DEFAULT_PREFIXES.iter().map(|p| SafePath(p.to_string())).collect(),
+            prefixes: Self::DEFAULT_PREFIXES
+                .iter()
+                .map(|p| SafePath(p.to_string()))
+                .collect(),
         }
     }
 }
@@ -236,13 +258,20 @@ mod tests {
             rules().check("root/.ssh/x"),
             Err(PathError::NotAbsolute("root/.ssh/x".into()))
         );
-        assert_eq!(rules().check(""), Err(PathError::NotAbsolute(String::new())));
+        assert_eq!(
+            rules().check(""),
+            Err(PathError::NotAbsolute(String::new()))
+        );
     }
 
     #[test]
     fn refuses_double_slashes_dot_segments_and_trailing_slashes() {
         for p in ["/root//.ssh/x", "/root/.ssh/./x", "/root/.ssh/x/", "/"] {
-            assert_eq!(rules().check(p), Err(PathError::NotNormalized(p.into())), "{p}");
+            assert_eq!(
+                rules().check(p),
+                Err(PathError::NotNormalized(p.into())),
+                "{p}"
+            );
         }
     }
 
@@ -263,13 +292,21 @@ mod tests {
         let long = format!("/root/.ssh/{}", "a".repeat(MAX_PATH_LEN));
         assert_eq!(
             rules().check(&long),
-            Err(PathError::TooLong { len: long.len(), max: MAX_PATH_LEN })
+            Err(PathError::TooLong {
+                len: long.len(),
+                max: MAX_PATH_LEN
+            })
         );
     }
 
     #[test]
     fn refuses_paths_outside_the_prefixes_and_the_prefix_itself() {
-        for p in ["/etc/shadow", "/root/.sshx/y", "/root/.ssh", "/etc/keywardx"] {
+        for p in [
+            "/etc/shadow",
+            "/root/.sshx/y",
+            "/root/.ssh",
+            "/etc/keywardx",
+        ] {
             assert_eq!(
                 rules().check(p),
                 Err(PathError::OutsidePrefixes {

@@ -108,7 +108,10 @@ mod tests {
         let text = SecretString::from("hunter2-canary".to_string());
         assert_eq!(format!("{bytes:?}"), "SecretBytes(...)");
         assert_eq!(format!("{text:?}"), "SecretString(...)");
-        assert_eq!(format!("{:#?}", Some(&text)), "Some(\n    SecretString(...),\n)");
+        assert_eq!(
+            format!("{:#?}", Some(&text)),
+            "Some(\n    SecretString(...),\n)"
+        );
     }
 
     #[test]

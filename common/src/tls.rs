@@ -13,11 +13,11 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
@@ -67,7 +67,10 @@ impl DenyList {
 
     /// Whether `serial` is denied.
     pub fn contains(&self, serial: &str) -> bool {
-        self.serials.read().unwrap_or_else(|e| e.into_inner()).contains(serial)
+        self.serials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(serial)
     }
 
     /// Number of denied serials.
@@ -109,7 +112,9 @@ impl std::fmt::Debug for CertifiedKey {
 
 fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
-    roots.add(ca.clone()).map_err(|e| TlsError::BadCa(e.to_string()))?;
+    roots
+        .add(ca.clone())
+        .map_err(|e| TlsError::BadCa(e.to_string()))?;
     Ok(Arc::new(roots))
 }
 
@@ -126,7 +131,9 @@ pub fn server_config(
         ClientAuth::Required => builder,
         ClientAuth::Optional => builder.allow_unauthenticated(),
     };
-    let inner = builder.build().map_err(|e| TlsError::BadCa(e.to_string()))?;
+    let inner = builder
+        .build()
+        .map_err(|e| TlsError::BadCa(e.to_string()))?;
     let verifier = Arc::new(DenyingClientVerifier { inner, denied });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -152,7 +159,9 @@ pub fn client_config(
         .map_err(TlsError::Config)?
         .with_root_certificates(roots(ca)?);
     let mut config = match identity {
-        Some(id) => builder.with_client_auth_cert(id.chain, id.key).map_err(TlsError::Config)?,
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
+            .map_err(TlsError::Config)?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -164,7 +173,10 @@ pub fn client_config(
 /// that CA for the name connected to.
 pub fn pinned_ca_client_config(ca_fingerprint: Sha256Digest) -> Result<ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedCaVerifier { fingerprint: ca_fingerprint, provider: provider.clone() });
+    let verifier = Arc::new(PinnedCaVerifier {
+        fingerprint: ca_fingerprint,
+        provider: provider.clone(),
+    });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
@@ -213,7 +225,9 @@ impl ClientCertVerifier for DenyingClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let facts = CertificateFacts::read(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if self.denied.contains(&facts.serial) {
@@ -265,7 +279,9 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let ca = intermediates
             .iter()
             .find(|cert| Sha256Digest::of(cert) == self.fingerprint)
-            .ok_or(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
+            .ok_or(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            ))?;
         let ca = CertificateDer::from(ca.to_vec());
         let roots = roots(&ca)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
@@ -304,6 +320,8 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

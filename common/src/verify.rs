@@ -212,7 +212,10 @@ impl VerifiedSnapshot {
 
     /// The entry for `container`, if listed.
     pub fn entry(&self, container: &ContainerId) -> Option<&SnapshotEntry> {
-        self.snapshot.manifests.iter().find(|e| e.container_id == *container)
+        self.snapshot
+            .manifests
+            .iter()
+            .find(|e| e.container_id == *container)
     }
 }
 
@@ -242,11 +245,18 @@ impl VerifiedManifest {
     }
 
     /// Checks fetched content against file entry `index`: size and SHA-256 must match.
-    pub fn verify_file(&self, index: usize, content: SecretBytes) -> Result<VerifiedFile, VerifyError> {
+    pub fn verify_file(
+        &self,
+        index: usize,
+        content: SecretBytes,
+    ) -> Result<VerifiedFile, VerifyError> {
         let entry = self.manifest.files.get(index).ok_or_else(|| {
-            VerifyError::Path(PathError::NotAbsolute(format!("no file #{index} in manifest")))
+            VerifyError::Path(PathError::NotAbsolute(format!(
+                "no file #{index} in manifest"
+            )))
         })?;
-        if content.len() as u64 != entry.size || Sha256Digest::of(content.expose()) != entry.sha256 {
+        if content.len() as u64 != entry.size || Sha256Digest::of(content.expose()) != entry.sha256
+        {
             return Err(VerifyError::FileContentMismatch(entry.path.clone()));
         }
         Ok(VerifiedFile {
@@ -307,9 +317,14 @@ impl Verifier {
                 found: envelope.payload_type.chars().take(80).collect(),
             });
         }
-        self.trust_root.verify(&envelope).map_err(VerifyError::Signature)?;
-        let parsed = serde_json::from_slice(&envelope.payload)
-            .map_err(|e| VerifyError::Payload { kind, reason: e.to_string() })?;
+        self.trust_root
+            .verify(&envelope)
+            .map_err(VerifyError::Signature)?;
+        let parsed =
+            serde_json::from_slice(&envelope.payload).map_err(|e| VerifyError::Payload {
+                kind,
+                reason: e.to_string(),
+            })?;
         Ok((parsed, envelope.payload))
     }
 
@@ -344,12 +359,18 @@ impl Verifier {
             });
         }
         if now >= snapshot.expires_at.saturating_add(self.max_clock_skew) {
-            return Err(VerifyError::SnapshotStale { expires_at: snapshot.expires_at, now });
+            return Err(VerifyError::SnapshotStale {
+                expires_at: snapshot.expires_at,
+                now,
+            });
         }
         if let Some(last) = last_revision
             && snapshot.revision < last
         {
-            return Err(VerifyError::SnapshotRolledBack { revision: snapshot.revision, last });
+            return Err(VerifyError::SnapshotRolledBack {
+                revision: snapshot.revision,
+                last,
+            });
         }
         Ok(VerifiedSnapshot { snapshot })
     }
@@ -388,11 +409,17 @@ impl Verifier {
             });
         }
         if now >= manifest.expires_at.saturating_add(self.max_clock_skew) {
-            return Err(VerifyError::Expired { expires_at: manifest.expires_at, now });
+            return Err(VerifyError::Expired {
+                expires_at: manifest.expires_at,
+                now,
+            });
         }
         let listed = snapshot.snapshot();
         if now >= listed.expires_at.saturating_add(self.max_clock_skew) {
-            return Err(VerifyError::SnapshotStale { expires_at: listed.expires_at, now });
+            return Err(VerifyError::SnapshotStale {
+                expires_at: listed.expires_at,
+                now,
+            });
         }
         let entry = snapshot
             .entry(&manifest.container_id)
@@ -407,7 +434,11 @@ impl Verifier {
             });
         }
 
-        Ok(VerifiedManifest { manifest, digest, envelope: bytes.to_vec() })
+        Ok(VerifiedManifest {
+            manifest,
+            digest,
+            envelope: bytes.to_vec(),
+        })
     }
 
     /// Re-verifies a manifest this agent accepted earlier and stored, after a restart.
@@ -427,7 +458,11 @@ impl Verifier {
             return Err(VerifyError::AcceptedDigestMismatch(manifest.container_id));
         }
         self.check_node_and_content(&manifest)?;
-        Ok(VerifiedManifest { manifest, digest, envelope: bytes.to_vec() })
+        Ok(VerifiedManifest {
+            manifest,
+            digest,
+            envelope: bytes.to_vec(),
+        })
     }
 
     /// Check 3 (node) and check 6 (file list), plus run-setting sanity.
@@ -442,16 +477,25 @@ impl Verifier {
         check_files(&manifest.files, &self.path_rules, &self.limits)?;
         if let Some(bad) = manifest.run.env.iter().find(|v| !v.is_valid()) {
             let name: String = bad.name.chars().take(40).collect();
-            return Err(VerifyError::RunSettings(format!("bad environment variable {name:?}")));
+            return Err(VerifyError::RunSettings(format!(
+                "bad environment variable {name:?}"
+            )));
         }
         Ok(())
     }
 }
 
 /// Check 6 on the file list: count, sizes, paths under the rules, no duplicates.
-pub fn check_files(files: &[FileEntry], rules: &PathRules, limits: &Limits) -> Result<(), VerifyError> {
+pub fn check_files(
+    files: &[FileEntry],
+    rules: &PathRules,
+    limits: &Limits,
+) -> Result<(), VerifyError> {
     if files.len() > limits.max_files {
-        return Err(VerifyError::TooManyFiles { count: files.len(), max: limits.max_files });
+        return Err(VerifyError::TooManyFiles {
+            count: files.len(),
+            max: limits.max_files,
+        });
     }
     let mut seen = HashSet::new();
     for file in files {

@@ -27,7 +27,10 @@ fn fixture() -> Fixture {
 fn an_envelope_signed_by_python_verifies() {
     let f = fixture();
     let ours = ManifestSigningKey::from_seed(&hex::decode(&f.seed_hex).unwrap()).unwrap();
-    assert_eq!(hex::encode(ours.verifying_key().as_bytes()), f.public_key_hex);
+    assert_eq!(
+        hex::encode(ours.verifying_key().as_bytes()),
+        f.public_key_hex
+    );
     assert_eq!(ours.key_id().as_str(), f.keyid);
 
     let root = TrustRoot::new([ours.verifying_key()]).unwrap();
@@ -39,7 +42,10 @@ fn an_envelope_signed_by_python_verifies() {
 fn the_pae_matches_python_byte_for_byte() {
     let f = fixture();
     let envelope = Envelope::decode(f.envelope.as_bytes(), &Limits::default()).unwrap();
-    assert_eq!(hex::encode(pae(&envelope.payload_type, &envelope.payload)), f.pae_hex);
+    assert_eq!(
+        hex::encode(pae(&envelope.payload_type, &envelope.payload)),
+        f.pae_hex
+    );
 }
 
 #[test]
@@ -85,7 +91,9 @@ fn a_python_signed_manifest_with_foreign_key_order_passes_the_full_checks() {
     );
     let now = 1_800_000_010;
     let snap = verifier.snapshot(&snap_env.encode(), now, None).unwrap();
-    let verified = verifier.manifest(f.envelope.as_bytes(), now, None, &snap).unwrap();
+    let verified = verifier
+        .manifest(f.envelope.as_bytes(), now, None, &snap)
+        .unwrap();
     assert_eq!(verified.digest(), digest);
     assert_eq!(verified.manifest().generation, 1);
 }

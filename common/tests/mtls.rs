@@ -7,7 +7,7 @@ use keyward_certs::{FleetCa, IssuedKey, Validity};
 use keyward_common::identity::Identity;
 use keyward_common::ids::{NodeId, Sha256Digest, TrustDomain};
 use keyward_common::tls::{
-    ClientAuth, CertifiedKey, DenyList, client_config, peer_identity, pinned_ca_client_config,
+    CertifiedKey, ClientAuth, DenyList, client_config, peer_identity, pinned_ca_client_config,
     server_config,
 };
 use rustls_pki_types::pem::PemObject as _;
@@ -36,7 +36,9 @@ fn node(id: &str) -> Identity {
 }
 
 /// Serves one connection: on success, answers with the peer's identity.
-async fn serve_once(config: rustls::ServerConfig) -> (u16, tokio::task::JoinHandle<Result<String, String>>) {
+async fn serve_once(
+    config: rustls::ServerConfig,
+) -> (u16, tokio::task::JoinHandle<Result<String, String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -50,7 +52,9 @@ async fn serve_once(config: rustls::ServerConfig) -> (u16, tokio::task::JoinHand
         };
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-        tls.write_all(who.as_bytes()).await.map_err(|e| e.to_string())?;
+        tls.write_all(who.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         tls.shutdown().await.map_err(|e| e.to_string())?;
         Ok(who)
     });
@@ -63,10 +67,15 @@ async fn exchange(port: u16, config: rustls::ClientConfig) -> Result<String, Str
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let connector = TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
     tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
     let mut out = String::new();
-    tls.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+    tls.read_to_string(&mut out)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(out)
 }
 
@@ -78,14 +87,25 @@ struct Fleet {
 
 fn fleet() -> Fleet {
     let ca = FleetCa::create(domain(), day()).unwrap();
-    let server = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], day()).unwrap();
-    Fleet { ca, server, deny: Arc::new(DenyList::new()) }
+    let server = ca
+        .issue_server(&["localhost".into(), "127.0.0.1".into()], day())
+        .unwrap();
+    Fleet {
+        ca,
+        server,
+        deny: Arc::new(DenyList::new()),
+    }
 }
 
 impl Fleet {
     fn server_config(&self, auth: ClientAuth) -> rustls::ServerConfig {
-        server_config(self.ca.cert_der(), certified(&self.ca, &self.server), auth, self.deny.clone())
-            .unwrap()
+        server_config(
+            self.ca.cert_der(),
+            certified(&self.ca, &self.server),
+            auth,
+            self.deny.clone(),
+        )
+        .unwrap()
     }
 
     fn client(&self, identity: Option<&IssuedKey>) -> rustls::ClientConfig {
@@ -98,7 +118,10 @@ async fn a_node_certificate_is_accepted_and_its_identity_extracted() {
     let f = fleet();
     let n1 = f.ca.issue_identity(&node("n1"), day()).unwrap();
     let (port, server) = serve_once(f.server_config(ClientAuth::Required)).await;
-    assert_eq!(exchange(port, f.client(Some(&n1))).await.unwrap(), "node/n1");
+    assert_eq!(
+        exchange(port, f.client(Some(&n1))).await.unwrap(),
+        "node/n1"
+    );
     assert_eq!(server.await.unwrap().unwrap(), "node/n1");
 }
 
@@ -112,7 +135,10 @@ async fn a_certificate_from_another_ca_is_refused() {
     assert!(exchange(port, client).await.is_err());
     let err = server.await.unwrap().unwrap_err();
     // The other CA has the same name, so the chain is built and its signature fails.
-    assert!(err.contains("BadSignature") || err.contains("UnknownIssuer"), "{err}");
+    assert!(
+        err.contains("BadSignature") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -135,7 +161,10 @@ async fn no_client_certificate_is_refused_on_the_mtls_listener() {
     let (port, server) = serve_once(f.server_config(ClientAuth::Required)).await;
     assert!(exchange(port, f.client(None)).await.is_err());
     let err = server.await.unwrap().unwrap_err();
-    assert!(err.contains("NoCertificatesPresented") || err.contains("certificate"), "{err}");
+    assert!(
+        err.contains("NoCertificatesPresented") || err.contains("certificate"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -174,7 +203,10 @@ async fn a_client_trusting_only_the_fleet_ca_refuses_another_server() {
     let other = fleet();
     let (port, _server) = serve_once(other.server_config(ClientAuth::Optional)).await;
     let err = exchange(port, f.client(None)).await.unwrap_err();
-    assert!(err.contains("UnknownIssuer") || err.contains("invalid peer certificate"), "{err}");
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("invalid peer certificate"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -187,7 +219,10 @@ async fn enrollment_pins_the_ca_by_fingerprint() {
     let (port, _server) = serve_once(f.server_config(ClientAuth::Optional)).await;
     let wrong = pinned_ca_client_config(Sha256Digest::of(b"another CA")).unwrap();
     let err = exchange(port, wrong).await.unwrap_err();
-    assert!(err.contains("UnknownIssuer") || err.contains("invalid peer certificate"), "{err}");
+    assert!(
+        err.contains("UnknownIssuer") || err.contains("invalid peer certificate"),
+        "{err}"
+    );
 }
 
 #[test]

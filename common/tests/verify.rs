@@ -94,15 +94,23 @@ fn sign_snapshot(key: &ManifestSigningKey, s: &NodeSnapshot) -> Vec<u8> {
 }
 
 fn snapshot_listing(f: &Fixture, generation: u64, digest: Sha256Digest) -> VerifiedSnapshot {
-    let doc = snapshot_doc(vec![SnapshotEntry { container_id: container(), generation, digest }]);
-    f.verifier.snapshot(&sign_snapshot(&f.key, &doc), NOW, None).unwrap()
+    let doc = snapshot_doc(vec![SnapshotEntry {
+        container_id: container(),
+        generation,
+        digest,
+    }]);
+    f.verifier
+        .snapshot(&sign_snapshot(&f.key, &doc), NOW, None)
+        .unwrap()
 }
 
 /// Signs `m`, makes a snapshot listing it, and verifies `m` with the given mark.
 fn check(f: &Fixture, m: &Manifest, mark: Option<u64>) -> Result<Sha256Digest, VerifyError> {
     let (bytes, digest) = sign_manifest(&f.key, m);
     let snap = snapshot_listing(f, m.generation, digest);
-    f.verifier.manifest(&bytes, NOW, mark, &snap).map(|v| v.digest())
+    f.verifier
+        .manifest(&bytes, NOW, mark, &snap)
+        .map(|v| v.digest())
 }
 
 /// Re-encodes an envelope with its payload replaced (signatures kept).
@@ -123,11 +131,15 @@ fn a_valid_manifest_is_accepted_and_its_files_checked() {
     assert_eq!(verified.digest(), digest);
     assert_eq!(verified.envelope(), bytes.as_slice());
 
-    let file = verified.verify_file(0, SecretBytes::from(CONTENT.to_vec())).unwrap();
+    let file = verified
+        .verify_file(0, SecretBytes::from(CONTENT.to_vec()))
+        .unwrap();
     assert_eq!(file.path().as_str(), "/root/.ssh/authorized_keys");
     assert_eq!(file.mode().bits(), 0o400);
     assert_eq!(
-        verified.verify_file(0, SecretBytes::from(b"ssh-ed25519 other\n".to_vec())).unwrap_err(),
+        verified
+            .verify_file(0, SecretBytes::from(b"ssh-ed25519 other\n".to_vec()))
+            .unwrap_err(),
         VerifyError::FileContentMismatch(SafePath::parse("/root/.ssh/authorized_keys").unwrap())
     );
 }
@@ -143,7 +155,9 @@ fn a_flipped_payload_byte_is_refused_by_the_signature_check() {
     let tampered = with_payload(&bytes, &payload);
     let snap = snapshot_listing(&f, 1, Sha256Digest::of(&payload));
     assert_eq!(
-        f.verifier.manifest(&tampered, NOW, None, &snap).unwrap_err(),
+        f.verifier
+            .manifest(&tampered, NOW, None, &snap)
+            .unwrap_err(),
         VerifyError::Signature(SignatureError::Invalid(f.key.key_id().to_string()))
     );
 }
@@ -156,11 +170,20 @@ fn a_flipped_signature_byte_is_refused() {
     let mut env = f.key.sign_envelope(MANIFEST_PAYLOAD_TYPE, payload.clone());
     env.signatures[0].sig[10] ^= 0x01;
     let snap = snapshot_listing(&f, 1, Sha256Digest::of(&payload));
-    let err = f.verifier.manifest(&env.encode(), NOW, None, &snap).unwrap_err();
-    assert_eq!(err, VerifyError::Signature(SignatureError::Invalid(f.key.key_id().to_string())));
+    let err = f
+        .verifier
+        .manifest(&env.encode(), NOW, None, &snap)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        VerifyError::Signature(SignatureError::Invalid(f.key.key_id().to_string()))
+    );
     assert_eq!(
         err.to_string(),
-        format!("check 2 (signature): signature by key {} does not verify", f.key.key_id())
+        format!(
+            "check 2 (signature): signature by key {} does not verify",
+            f.key.key_id()
+        )
     );
 }
 
@@ -187,7 +210,9 @@ fn a_signature_claiming_a_trusted_key_id_but_made_by_another_key_is_refused() {
     env.signatures[0].keyid = f.key.key_id().to_string();
     let snap = snapshot_listing(&f, 1, Sha256Digest::of(&payload));
     assert_eq!(
-        f.verifier.manifest(&env.encode(), NOW, None, &snap).unwrap_err(),
+        f.verifier
+            .manifest(&env.encode(), NOW, None, &snap)
+            .unwrap_err(),
         VerifyError::Signature(SignatureError::Invalid(f.key.key_id().to_string()))
     );
 }
@@ -201,7 +226,10 @@ fn a_wrong_payload_type_is_refused() {
     let snap = snapshot_listing(&f, 1, Sha256Digest::of(&payload));
     assert_eq!(
         f.verifier.manifest(&bytes, NOW, None, &snap).unwrap_err(),
-        VerifyError::PayloadType { expected: MANIFEST_PAYLOAD_TYPE, found: "application/json".into() }
+        VerifyError::PayloadType {
+            expected: MANIFEST_PAYLOAD_TYPE,
+            found: "application/json".into()
+        }
     );
     // A snapshot is not accepted as a manifest either.
     let as_snapshot = sign_json(&f.key, SNAPSHOT_PAYLOAD_TYPE, payload);
@@ -218,7 +246,11 @@ fn a_manifest_for_another_node_is_refused() {
     m.node = NodeId::new("node-b").unwrap();
     assert_eq!(
         check(&f, &m, None).unwrap_err(),
-        VerifyError::WrongNode { kind: "manifest", expected: node(), found: m.node.clone() }
+        VerifyError::WrongNode {
+            kind: "manifest",
+            expected: node(),
+            found: m.node.clone()
+        }
     );
 }
 
@@ -227,7 +259,11 @@ fn a_generation_equal_to_the_mark_is_refused() {
     let f = fixture();
     assert_eq!(
         check(&f, &manifest(5), Some(5)).unwrap_err(),
-        VerifyError::GenerationNotAbove { container: container(), generation: 5, mark: 5 }
+        VerifyError::GenerationNotAbove {
+            container: container(),
+            generation: 5,
+            mark: 5
+        }
     );
 }
 
@@ -235,7 +271,14 @@ fn a_generation_equal_to_the_mark_is_refused() {
 fn a_generation_below_the_mark_is_refused() {
     let f = fixture();
     let err = check(&f, &manifest(4), Some(5)).unwrap_err();
-    assert_eq!(err, VerifyError::GenerationNotAbove { container: container(), generation: 4, mark: 5 });
+    assert_eq!(
+        err,
+        VerifyError::GenerationNotAbove {
+            container: container(),
+            generation: 4,
+            mark: 5
+        }
+    );
     assert!(err.to_string().starts_with("check 4 (generation):"));
 }
 
@@ -244,7 +287,13 @@ fn an_expired_manifest_is_refused() {
     let f = fixture();
     let mut m = manifest(1);
     m.expires_at = NOW - 31;
-    assert_eq!(check(&f, &m, None).unwrap_err(), VerifyError::Expired { expires_at: NOW - 31, now: NOW });
+    assert_eq!(
+        check(&f, &m, None).unwrap_err(),
+        VerifyError::Expired {
+            expires_at: NOW - 31,
+            now: NOW
+        }
+    );
 }
 
 #[test]
@@ -262,7 +311,11 @@ fn a_manifest_issued_too_far_in_the_future_is_refused() {
     m.issued_at = NOW + 31;
     assert_eq!(
         check(&f, &m, None).unwrap_err(),
-        VerifyError::IssuedInFuture { kind: "manifest", issued_at: NOW + 31, now: NOW }
+        VerifyError::IssuedInFuture {
+            kind: "manifest",
+            issued_at: NOW + 31,
+            now: NOW
+        }
     );
 }
 
@@ -271,7 +324,10 @@ fn a_manifest_missing_from_the_snapshot_is_refused() {
     let f = fixture();
     let (bytes, _) = sign_manifest(&f.key, &manifest(1));
     let doc = snapshot_doc(vec![]);
-    let snap = f.verifier.snapshot(&sign_snapshot(&f.key, &doc), NOW, None).unwrap();
+    let snap = f
+        .verifier
+        .snapshot(&sign_snapshot(&f.key, &doc), NOW, None)
+        .unwrap();
     assert_eq!(
         f.verifier.manifest(&bytes, NOW, None, &snap).unwrap_err(),
         VerifyError::NotInSnapshot(container())
@@ -302,8 +358,13 @@ fn a_stale_snapshot_is_refused() {
     let mut doc = snapshot_doc(vec![]);
     doc.expires_at = NOW - 31;
     assert_eq!(
-        f.verifier.snapshot(&sign_snapshot(&f.key, &doc), NOW, None).unwrap_err(),
-        VerifyError::SnapshotStale { expires_at: NOW - 31, now: NOW }
+        f.verifier
+            .snapshot(&sign_snapshot(&f.key, &doc), NOW, None)
+            .unwrap_err(),
+        VerifyError::SnapshotStale {
+            expires_at: NOW - 31,
+            now: NOW
+        }
     );
 }
 
@@ -315,7 +376,10 @@ fn a_snapshot_that_went_stale_since_it_was_verified_no_longer_admits_manifests()
     let later = NOW + 60 + 30;
     assert_eq!(
         f.verifier.manifest(&bytes, later, None, &snap).unwrap_err(),
-        VerifyError::SnapshotStale { expires_at: NOW + 60, now: later }
+        VerifyError::SnapshotStale {
+            expires_at: NOW + 60,
+            now: later
+        }
     );
 }
 
@@ -324,10 +388,19 @@ fn a_snapshot_older_than_the_last_accepted_revision_is_refused() {
     let f = fixture();
     let doc = snapshot_doc(vec![]);
     assert_eq!(
-        f.verifier.snapshot(&sign_snapshot(&f.key, &doc), NOW, Some(11)).unwrap_err(),
-        VerifyError::SnapshotRolledBack { revision: 10, last: 11 }
+        f.verifier
+            .snapshot(&sign_snapshot(&f.key, &doc), NOW, Some(11))
+            .unwrap_err(),
+        VerifyError::SnapshotRolledBack {
+            revision: 10,
+            last: 11
+        }
     );
-    assert!(f.verifier.snapshot(&sign_snapshot(&f.key, &doc), NOW, Some(10)).is_ok());
+    assert!(
+        f.verifier
+            .snapshot(&sign_snapshot(&f.key, &doc), NOW, Some(10))
+            .is_ok()
+    );
 }
 
 #[test]
@@ -336,8 +409,14 @@ fn a_snapshot_for_another_node_is_refused() {
     let mut doc = snapshot_doc(vec![]);
     doc.node = NodeId::new("node-b").unwrap();
     assert_eq!(
-        f.verifier.snapshot(&sign_snapshot(&f.key, &doc), NOW, None).unwrap_err(),
-        VerifyError::WrongNode { kind: "snapshot", expected: node(), found: doc.node.clone() }
+        f.verifier
+            .snapshot(&sign_snapshot(&f.key, &doc), NOW, None)
+            .unwrap_err(),
+        VerifyError::WrongNode {
+            kind: "snapshot",
+            expected: node(),
+            found: doc.node.clone()
+        }
     );
 }
 
@@ -349,7 +428,9 @@ fn manifest_with_raw_path(f: &Fixture, path: &str) -> Result<Sha256Digest, Verif
     let digest = Sha256Digest::of(&payload);
     let bytes = sign_json(&f.key, MANIFEST_PAYLOAD_TYPE, payload);
     let snap = snapshot_listing(f, 1, digest);
-    f.verifier.manifest(&bytes, NOW, None, &snap).map(|v| v.digest())
+    f.verifier
+        .manifest(&bytes, NOW, None, &snap)
+        .map(|v| v.digest())
 }
 
 #[test]
@@ -365,14 +446,21 @@ fn traversal_and_malformed_paths_are_refused() {
     ];
     for (path, reason) in cases {
         let err = manifest_with_raw_path(&f, path).unwrap_err();
-        let VerifyError::Payload { kind: "manifest", reason: got } = &err else {
+        let VerifyError::Payload {
+            kind: "manifest",
+            reason: got,
+        } = &err
+        else {
             panic!("{path:?}: unexpected {err:?}");
         };
         assert!(got.contains(reason), "{path:?}: {got}");
     }
     let long = format!("/root/.ssh/{}", "a".repeat(300));
     let err = manifest_with_raw_path(&f, &long).unwrap_err();
-    assert!(err.to_string().contains("more than the limit of 256"), "{err}");
+    assert!(
+        err.to_string().contains("more than the limit of 256"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -381,8 +469,14 @@ fn paths_outside_the_allowed_prefixes_are_refused() {
     let mut m = manifest(1);
     m.files[0].path = SafePath::parse("/etc/shadow").unwrap();
     let err = check(&f, &m, None).unwrap_err();
-    assert!(matches!(err, VerifyError::Path(PathError::OutsidePrefixes { .. })), "{err:?}");
-    assert!(err.to_string().starts_with("check 6 (files): path \"/etc/shadow\" is not under"));
+    assert!(
+        matches!(err, VerifyError::Path(PathError::OutsidePrefixes { .. })),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("check 6 (files): path \"/etc/shadow\" is not under")
+    );
 }
 
 #[test]
@@ -395,7 +489,10 @@ fn setuid_modes_are_refused() {
     let bytes = sign_json(&f.key, MANIFEST_PAYLOAD_TYPE, payload);
     let snap = snapshot_listing(&f, 1, digest);
     let err = f.verifier.manifest(&bytes, NOW, None, &snap).unwrap_err();
-    assert!(err.to_string().contains("mode 0o4755 is not allowed"), "{err}");
+    assert!(
+        err.to_string().contains("mode 0o4755 is not allowed"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -403,7 +500,10 @@ fn too_many_and_too_large_files_are_refused() {
     let f = fixture();
     let mut m = manifest(1);
     m.files[0].size = Limits::default().max_file_bytes + 1;
-    assert!(matches!(check(&f, &m, None), Err(VerifyError::FileTooLarge { .. })));
+    assert!(matches!(
+        check(&f, &m, None),
+        Err(VerifyError::FileTooLarge { .. })
+    ));
 
     let mut m = manifest(1);
     m.files = (0..65)
@@ -412,7 +512,10 @@ fn too_many_and_too_large_files_are_refused() {
             ..manifest(1).files[0].clone()
         })
         .collect();
-    assert_eq!(check(&f, &m, None).unwrap_err(), VerifyError::TooManyFiles { count: 65, max: 64 });
+    assert_eq!(
+        check(&f, &m, None).unwrap_err(),
+        VerifyError::TooManyFiles { count: 65, max: 64 }
+    );
 
     let mut m = manifest(1);
     m.files.push(m.files[0].clone());
@@ -429,7 +532,10 @@ fn an_oversize_envelope_is_refused_before_parsing() {
     let huge = vec![b'{'; 1024 * 1024 + 1];
     assert_eq!(
         f.verifier.manifest(&huge, NOW, None, &snap).unwrap_err(),
-        VerifyError::Envelope(EnvelopeError::TooLarge { len: 1024 * 1024 + 1, max: 1024 * 1024 })
+        VerifyError::Envelope(EnvelopeError::TooLarge {
+            len: 1024 * 1024 + 1,
+            max: 1024 * 1024
+        })
     );
 }
 
@@ -441,13 +547,17 @@ fn bad_base64_is_refused() {
     let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     v["payload"] = "not*base64!".into();
     assert_eq!(
-        f.verifier.manifest(&serde_json::to_vec(&v).unwrap(), NOW, None, &snap).unwrap_err(),
+        f.verifier
+            .manifest(&serde_json::to_vec(&v).unwrap(), NOW, None, &snap)
+            .unwrap_err(),
         VerifyError::Envelope(EnvelopeError::Base64 { field: "payload" })
     );
     v["payload"] = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["payload"].clone();
     v["signatures"][0]["sig"] = "%%%".into();
     assert_eq!(
-        f.verifier.manifest(&serde_json::to_vec(&v).unwrap(), NOW, None, &snap).unwrap_err(),
+        f.verifier
+            .manifest(&serde_json::to_vec(&v).unwrap(), NOW, None, &snap)
+            .unwrap_err(),
         VerifyError::Envelope(EnvelopeError::Base64 { field: "sig" })
     );
 }
@@ -456,13 +566,28 @@ fn bad_base64_is_refused() {
 fn bad_json_is_refused() {
     let f = fixture();
     let snap = snapshot_listing(&f, 1, Sha256Digest::of(b""));
-    let err = f.verifier.manifest(b"{\"payload\": ", NOW, None, &snap).unwrap_err();
-    assert!(matches!(err, VerifyError::Envelope(EnvelopeError::Json(_))), "{err:?}");
+    let err = f
+        .verifier
+        .manifest(b"{\"payload\": ", NOW, None, &snap)
+        .unwrap_err();
+    assert!(
+        matches!(err, VerifyError::Envelope(EnvelopeError::Json(_))),
+        "{err:?}"
+    );
 
     // A correctly signed payload that is not JSON.
     let bytes = sign_json(&f.key, MANIFEST_PAYLOAD_TYPE, b"not json".to_vec());
     let err = f.verifier.manifest(&bytes, NOW, None, &snap).unwrap_err();
-    assert!(matches!(err, VerifyError::Payload { kind: "manifest", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            VerifyError::Payload {
+                kind: "manifest",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -473,7 +598,10 @@ fn unknown_fields_are_refused_in_envelope_and_payload() {
     let snap = snapshot_listing(&f, 1, Sha256Digest::of(b""));
     let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     v["extra"] = 1.into();
-    let err = f.verifier.manifest(&serde_json::to_vec(&v).unwrap(), NOW, None, &snap).unwrap_err();
+    let err = f
+        .verifier
+        .manifest(&serde_json::to_vec(&v).unwrap(), NOW, None, &snap)
+        .unwrap_err();
     assert!(err.to_string().contains("unknown field `extra`"), "{err}");
 
     let mut value = serde_json::to_value(&m).unwrap();
@@ -481,7 +609,10 @@ fn unknown_fields_are_refused_in_envelope_and_payload() {
     let payload = serde_json::to_vec(&value).unwrap();
     let bytes = sign_json(&f.key, MANIFEST_PAYLOAD_TYPE, payload);
     let err = f.verifier.manifest(&bytes, NOW, None, &snap).unwrap_err();
-    assert!(err.to_string().contains("unknown field `privileged`"), "{err}");
+    assert!(
+        err.to_string().contains("unknown field `privileged`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -491,15 +622,28 @@ fn duplicate_json_keys_are_refused() {
     let (bytes, _) = sign_manifest(&f.key, &manifest(1));
     let text = String::from_utf8(bytes).unwrap();
     let doubled = text.replacen("{\"payload\":", "{\"payloadType\":\"x\",\"payload\":", 1);
-    let err = f.verifier.manifest(doubled.as_bytes(), NOW, None, &snap).unwrap_err();
-    assert!(err.to_string().contains("duplicate field `payloadType`"), "{err}");
+    let err = f
+        .verifier
+        .manifest(doubled.as_bytes(), NOW, None, &snap)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("duplicate field `payloadType`"),
+        "{err}"
+    );
 
     let payload = serde_json::to_vec(&manifest(1)).unwrap();
     let text = String::from_utf8(payload).unwrap();
-    let doubled = text.replacen("{\"container_id\":", "{\"generation\":99,\"container_id\":", 1);
+    let doubled = text.replacen(
+        "{\"container_id\":",
+        "{\"generation\":99,\"container_id\":",
+        1,
+    );
     let bytes = sign_json(&f.key, MANIFEST_PAYLOAD_TYPE, doubled.into_bytes());
     let err = f.verifier.manifest(&bytes, NOW, None, &snap).unwrap_err();
-    assert!(err.to_string().contains("duplicate field `generation`"), "{err}");
+    assert!(
+        err.to_string().contains("duplicate field `generation`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -508,9 +652,17 @@ fn an_accepted_manifest_reverifies_from_storage_only_with_its_recorded_digest() 
     let mut m = manifest(1);
     m.expires_at = NOW - 1000;
     let (bytes, digest) = sign_manifest(&f.key, &m);
-    assert_eq!(f.verifier.accepted_manifest(&bytes, digest).unwrap().digest(), digest);
     assert_eq!(
-        f.verifier.accepted_manifest(&bytes, Sha256Digest::of(b"x")).unwrap_err(),
+        f.verifier
+            .accepted_manifest(&bytes, digest)
+            .unwrap()
+            .digest(),
+        digest
+    );
+    assert_eq!(
+        f.verifier
+            .accepted_manifest(&bytes, Sha256Digest::of(b"x"))
+            .unwrap_err(),
         VerifyError::AcceptedDigestMismatch(container())
     );
 }

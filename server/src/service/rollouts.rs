@@ -1,0 +1,450 @@
+//! Rollouts: a change that touches many containers becomes new generations released in
+//! batches, with at most `max_in_flight` released but unconfirmed, paused once
+//! `failure_threshold` containers fail.
+//!
+//! What a released container gets is derived at release time from the state then current, so a
+//! later change never gets overtaken by an earlier rollout's stale view. A container whose
+//! derived content did not change is skipped without a new generation.
+//!
+//! The driver is a loop woken by changes and status reports (and a slow tick). Each step is one
+//! write transaction, so several server replicas can drive the same rollout without releasing
+//! a container twice.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyward_common::manifest::Action;
+use sqlx::Row as _;
+
+use super::issue::{ContainerRecord, Grants, IfUnchanged, Issued};
+use super::{Service, ServiceError, ServiceResult, new_id, now};
+use crate::api::{RolloutOverrides, RolloutPolicy, RolloutView};
+use crate::audit::{self, NewEntry};
+use crate::store::{Tx, to_i64, to_u64};
+
+/// How often the driver looks at running rollouts when nothing wakes it.
+const DRIVER_TICK: Duration = Duration::from_secs(2);
+
+impl Service {
+    /// Creates a rollout over `containers` inside `tx`. Returns its id, or `None` when there is
+    /// nothing to roll.
+    pub(crate) async fn start_rollout(
+        &self,
+        tx: &mut Tx,
+        _revision: u64,
+        actor: &str,
+        reason: &str,
+        containers: &[String],
+        policy: RolloutOverrides,
+    ) -> ServiceResult<Option<String>> {
+        if containers.is_empty() {
+            return Ok(None);
+        }
+        let policy = policy.resolve(self.settings.rollout);
+        if policy.batch_size == 0 || policy.max_in_flight == 0 || policy.failure_threshold == 0 {
+            return Err(ServiceError::bad_request(
+                "rollout batch_size, max_in_flight and failure_threshold must be above 0",
+            ));
+        }
+        let id = new_id("r");
+        let at = now();
+        sqlx::query(
+            "INSERT INTO rollouts (id, reason, state, batch_size, max_in_flight, failure_threshold, \
+             created_by, created_at) VALUES ($1, $2, 'running', $3, $4, $5, $6, $7)",
+        )
+        .bind(&id)
+        .bind(reason)
+        .bind(to_i64(policy.batch_size))
+        .bind(to_i64(policy.max_in_flight))
+        .bind(to_i64(policy.failure_threshold))
+        .bind(actor)
+        .bind(to_i64(at))
+        .execute(&mut **tx)
+        .await?;
+        for container in containers {
+            sqlx::query("INSERT INTO rollout_items (rollout_id, container_id, state) VALUES ($1, $2, 'pending')")
+                .bind(&id)
+                .bind(container)
+                .execute(&mut **tx)
+                .await?;
+        }
+        let details = serde_json::json!({
+            "reason": reason,
+            "containers": containers.len(),
+            "batch_size": policy.batch_size,
+            "max_in_flight": policy.max_in_flight,
+            "failure_threshold": policy.failure_threshold,
+        });
+        audit::append(
+            tx,
+            at,
+            &[NewEntry {
+                actor,
+                action: "rollout.start",
+                subject: &id,
+                details,
+            }],
+        )
+        .await?;
+        Ok(Some(id))
+    }
+
+    /// Advances every running rollout by one step.
+    pub async fn drive_rollouts(&self) -> ServiceResult<()> {
+        let running: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM rollouts WHERE state = 'running' ORDER BY created_at, id",
+        )
+        .fetch_all(self.store.pool())
+        .await?;
+        for id in running {
+            self.step_rollout(&id).await?;
+        }
+        Ok(())
+    }
+
+    /// One step of rollout `id`: settle released items, pause on failures, release the next
+    /// batch, complete when everything settled.
+    async fn step_rollout(&self, id: &str) -> ServiceResult<()> {
+        let (mut tx, revision) = self.store.write().await?;
+        let row = sqlx::query(
+            "SELECT state, batch_size, max_in_flight, failure_threshold FROM rollouts WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let state: String = row.try_get(0)?;
+        if state != "running" {
+            return Ok(());
+        }
+        let policy = RolloutPolicy {
+            batch_size: to_u64(row.try_get(1)?),
+            max_in_flight: to_u64(row.try_get(2)?),
+            failure_threshold: to_u64(row.try_get(3)?),
+        };
+        let at = now();
+        settle_released(&mut tx, id, at).await?;
+
+        let counts = item_counts(&mut tx, id).await?;
+        if counts.failed >= policy.failure_threshold {
+            sqlx::query("UPDATE rollouts SET state = 'paused' WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let details = serde_json::json!({ "failed": counts.failed, "threshold": policy.failure_threshold });
+            audit::append(
+                &mut tx,
+                at,
+                &[NewEntry {
+                    actor: "server",
+                    action: "rollout.pause",
+                    subject: id,
+                    details,
+                }],
+            )
+            .await?;
+            tx.commit().await?;
+            tracing::warn!(rollout = %id, failed = counts.failed, "rollout paused at its failure threshold");
+            return Ok(());
+        }
+
+        // Release the next batch within the in-flight budget.
+        let room = policy
+            .max_in_flight
+            .saturating_sub(counts.in_flight)
+            .min(policy.batch_size);
+        let mut nodes = BTreeSet::new();
+        let mut released = 0u64;
+        if room > 0 && counts.pending > 0 {
+            let batch: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(MAX(batch), 0) FROM rollout_items WHERE rollout_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let batch = batch + 1;
+            let pending: Vec<String> = sqlx::query_scalar(
+                "SELECT container_id FROM rollout_items WHERE rollout_id = $1 AND state = 'pending' \
+                 ORDER BY container_id LIMIT $2",
+            )
+            .bind(id)
+            .bind(to_i64(room))
+            .fetch_all(&mut *tx)
+            .await?;
+            let grants = Grants::load(&mut tx).await?;
+            for container in pending {
+                let record = ContainerRecord::load(&mut tx, &container).await?;
+                let outcome = match &record {
+                    Some(c) if c.state == "active" => {
+                        self.issue(
+                            &mut tx,
+                            revision,
+                            c,
+                            Action::Run,
+                            &grants,
+                            IfUnchanged::Skip,
+                            "server",
+                        )
+                        .await?
+                    }
+                    _ => Issued::Unchanged,
+                };
+                match (outcome, record) {
+                    (Issued::New { generation }, Some(c)) => {
+                        sqlx::query(
+                            "UPDATE rollout_items SET state = 'released', target_generation = $1, batch = $2, \
+                             released_at = $3 WHERE rollout_id = $4 AND container_id = $5",
+                        )
+                        .bind(to_i64(generation))
+                        .bind(batch)
+                        .bind(to_i64(at))
+                        .bind(id)
+                        .bind(&container)
+                        .execute(&mut *tx)
+                        .await?;
+                        nodes.insert(c.node_id);
+                        released += 1;
+                    }
+                    _ => {
+                        sqlx::query(
+                            "UPDATE rollout_items SET state = 'skipped', finished_at = $1, \
+                             reason = 'nothing to change or container gone' \
+                             WHERE rollout_id = $2 AND container_id = $3",
+                        )
+                        .bind(to_i64(at))
+                        .bind(id)
+                        .bind(&container)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
+        }
+
+        let counts = item_counts(&mut tx, id).await?;
+        let completed = counts.pending == 0 && counts.in_flight == 0;
+        if completed {
+            sqlx::query("UPDATE rollouts SET state = 'completed', finished_at = $1 WHERE id = $2")
+                .bind(to_i64(at))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let details = serde_json::json!({ "applied": counts.applied, "skipped": counts.skipped, "failed": counts.failed });
+            audit::append(
+                &mut tx,
+                at,
+                &[NewEntry {
+                    actor: "server",
+                    action: "rollout.complete",
+                    subject: id,
+                    details,
+                }],
+            )
+            .await?;
+        }
+        let nodes: Vec<String> = nodes.into_iter().collect();
+        self.store.notify_nodes(&mut tx, &nodes, revision).await?;
+        tx.commit().await?;
+        self.announce(&nodes, revision);
+        if released > 0 {
+            tracing::info!(rollout = %id, released, "rollout batch released");
+        }
+        if completed {
+            tracing::info!(rollout = %id, "rollout completed");
+        } else if released > 0 && counts.pending > 0 && counts.in_flight < policy.max_in_flight {
+            // Room is left: release more right away instead of waiting for the tick.
+            self.rollout_wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Resumes a paused rollout; its failure count starts over.
+    pub async fn resume_rollout(&self, actor: &str, id: &str) -> ServiceResult<RolloutView> {
+        let (mut tx, _revision) = self.store.write().await?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM rollouts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match state.as_deref() {
+            None => {
+                return Err(ServiceError::not_found(format!(
+                    "rollout {id} does not exist"
+                )));
+            }
+            Some("paused") => {}
+            Some(other) => {
+                return Err(ServiceError::conflict(format!(
+                    "rollout {id} is {other}, not paused"
+                )));
+            }
+        }
+        let at = now();
+        // Failed containers go back to pending so they are tried again.
+        sqlx::query("UPDATE rollout_items SET state = 'pending', reason = NULL WHERE rollout_id = $1 AND state = 'failed'")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE rollouts SET state = 'running' WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        audit::append(
+            &mut tx,
+            at,
+            &[NewEntry {
+                actor,
+                action: "rollout.resume",
+                subject: id,
+                details: serde_json::json!({}),
+            }],
+        )
+        .await?;
+        let view = rollout_view(&mut tx, id).await?;
+        tx.commit().await?;
+        self.rollout_wake.notify_one();
+        Ok(view)
+    }
+
+    /// Lists rollouts, newest first.
+    pub async fn list_rollouts(&self) -> ServiceResult<Vec<RolloutView>> {
+        let mut tx = self.store.pool().begin().await?;
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM rollouts ORDER BY created_at DESC, id")
+                .fetch_all(&mut *tx)
+                .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(rollout_view(&mut tx, &id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Shows one rollout.
+    pub async fn show_rollout(&self, id: &str) -> ServiceResult<RolloutView> {
+        let mut tx = self.store.pool().begin().await?;
+        rollout_view(&mut tx, id).await
+    }
+}
+
+/// Marks released items applied, failed or skipped from what their containers reported.
+pub(crate) async fn settle_released(
+    tx: &mut Tx,
+    rollout: &str,
+    at: u64,
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<(String, i64, String, i64, String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT ri.container_id, ri.target_generation, c.state, c.applied_generation, c.status, \
+         c.status_generation, c.status_reason FROM rollout_items ri JOIN containers c ON c.id = ri.container_id \
+         WHERE ri.rollout_id = $1 AND ri.state = 'released'",
+    )
+    .bind(rollout)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (container, target, state, applied, status, status_generation, reason) in rows {
+        let (new_state, reason) = if applied >= target {
+            ("applied", None)
+        } else if state != "active" {
+            ("skipped", Some(format!("container is {state}")))
+        } else if (status == "failed" || status == "refused") && status_generation >= target {
+            ("failed", reason)
+        } else {
+            continue;
+        };
+        sqlx::query(
+            "UPDATE rollout_items SET state = $1, finished_at = $2, reason = $3 WHERE rollout_id = $4 AND container_id = $5",
+        )
+        .bind(new_state)
+        .bind(to_i64(at))
+        .bind(reason)
+        .bind(rollout)
+        .bind(&container)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    pending: u64,
+    in_flight: u64,
+    applied: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+async fn item_counts(tx: &mut Tx, rollout: &str) -> Result<Counts, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, COUNT(*) FROM rollout_items WHERE rollout_id = $1 GROUP BY state",
+    )
+    .bind(rollout)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut counts = Counts::default();
+    for (state, n) in rows {
+        let n = to_u64(n);
+        match state.as_str() {
+            "pending" => counts.pending = n,
+            "released" => counts.in_flight = n,
+            "applied" => counts.applied = n,
+            "failed" => counts.failed = n,
+            _ => counts.skipped += n,
+        }
+    }
+    Ok(counts)
+}
+
+async fn rollout_view(tx: &mut Tx, id: &str) -> ServiceResult<RolloutView> {
+    let row = sqlx::query(
+        "SELECT id, reason, state, batch_size, max_in_flight, failure_threshold, created_at FROM rollouts WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| ServiceError::not_found(format!("rollout {id} does not exist")))?;
+    let counts = item_counts(tx, id).await?;
+    let (batches, largest): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(MAX(n), 0) FROM \
+         (SELECT batch, COUNT(*) AS n FROM rollout_items WHERE rollout_id = $1 AND batch IS NOT NULL GROUP BY batch) b",
+    )
+    .bind(id)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(RolloutView {
+        id: row.try_get(0)?,
+        reason: row.try_get(1)?,
+        state: row.try_get(2)?,
+        policy: RolloutPolicy {
+            batch_size: to_u64(row.try_get(3)?),
+            max_in_flight: to_u64(row.try_get(4)?),
+            failure_threshold: to_u64(row.try_get(5)?),
+        },
+        total: counts.pending + counts.in_flight + counts.applied + counts.failed + counts.skipped,
+        pending: counts.pending,
+        in_flight: counts.in_flight,
+        applied: counts.applied,
+        failed: counts.failed,
+        skipped: counts.skipped,
+        batches: to_u64(batches),
+        largest_batch: to_u64(largest),
+        created_at: to_u64(row.try_get(6)?),
+    })
+}
+
+/// Runs the rollout driver until `shutdown` turns true. A step in progress finishes; the next
+/// one is not started.
+pub async fn run_driver(service: Arc<Service>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = service.drive_rollouts().await {
+            tracing::warn!(error = %e, "rollout step failed; retrying at the next tick");
+        }
+        tokio::select! {
+            _ = service.rollout_wake.notified() => {}
+            _ = tokio::time::sleep(DRIVER_TICK) => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
