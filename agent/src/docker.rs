@@ -1,0 +1,530 @@
+//! The Docker Engine, through bollard: only the calls reconcile needs, scoped to objects
+//! labelled with this node's id so several agents can share one engine.
+//!
+//! Builds use the classic builder with an in-memory tar context: no temporary files, files
+//! carrying the signed mode and owner in their tar headers, `pull=false`, no build cache reuse,
+//! intermediate containers removed even on failure (`forcerm`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    BuildInfo, ContainerCreateBody, HostConfig, ImageId as BuildImageId, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, BuilderVersion, CreateContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptions, ListImagesOptionsBuilder,
+    PruneBuildOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use keyward_common::api::LocalImage;
+use keyward_common::ids::{ContainerId, ImageId, NodeId};
+use keyward_common::manifest::Manifest;
+use keyward_common::verify::VerifiedFile;
+use zeroize::Zeroize as _;
+
+/// Label naming the node that owns an object.
+pub const LABEL_NODE: &str = "io.keyward.node";
+/// Label naming the keyward container id.
+pub const LABEL_CONTAINER: &str = "io.keyward.container";
+/// Label with the generation.
+pub const LABEL_GENERATION: &str = "io.keyward.generation";
+/// Label with the manifest digest.
+pub const LABEL_DIGEST: &str = "io.keyward.digest";
+
+/// Seconds a container gets to stop before it is killed.
+const STOP_GRACE_SECS: i32 = 5;
+
+/// Why a Docker operation failed. Messages never include file contents.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The engine could not be reached or answered with an error.
+    #[error("docker: {0}")]
+    Docker(String),
+    /// The build failed.
+    #[error("image build failed: {0}")]
+    Build(String),
+    /// Check 7: the signed base image is not on this host.
+    #[error(
+        "check 7 (base image): image {0} is not present on this host (images are never pulled; build or load it, then the agent retries)"
+    )]
+    BaseImageMissing(ImageId),
+    /// The build context could not be assembled.
+    #[error("build context: {0}")]
+    Context(String),
+}
+
+impl From<DockerError> for EngineError {
+    fn from(err: DockerError) -> Self {
+        EngineError::Docker(err.to_string())
+    }
+}
+
+fn status_of(err: &DockerError) -> Option<u16> {
+    match err {
+        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// A keyward-managed container on the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedContainer {
+    /// Docker container id.
+    pub id: String,
+    /// keyward container id from its label.
+    pub container: String,
+    /// Generation from its label.
+    pub generation: u64,
+    /// Manifest digest from its label.
+    pub digest: String,
+    /// Docker image id it runs.
+    pub image: String,
+    /// Whether it is running.
+    pub running: bool,
+}
+
+/// A keyward-built image on the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedImage {
+    /// Docker image id.
+    pub id: String,
+    /// keyward container id from its label.
+    pub container: String,
+    /// Generation from its label.
+    pub generation: u64,
+}
+
+/// Everything this node has on the engine.
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    /// Containers.
+    pub containers: Vec<ManagedContainer>,
+    /// Images.
+    pub images: Vec<ManagedImage>,
+}
+
+/// Secret bytes handed to the HTTP client as a request body; overwritten when the client drops
+/// its last reference.
+struct WipeOnDrop(Vec<u8>);
+
+impl AsRef<[u8]> for WipeOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for WipeOnDrop {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// The Docker engine as this node sees it.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    docker: Docker,
+    node: NodeId,
+}
+
+impl Engine {
+    /// Connects to the engine (`DOCKER_HOST`, else the local unix socket) and negotiates the
+    /// API version.
+    pub async fn connect(node: NodeId) -> Result<Self, EngineError> {
+        if std::env::var("DOCKER_HOST").is_ok_and(|v| v.is_empty()) {
+            // bollard would report an empty value as an unsupported URI scheme; say it plainly.
+            return Err(EngineError::Docker(
+                "DOCKER_HOST is set but empty; unset it or give a URI".into(),
+            ));
+        }
+        let docker = Docker::connect_with_defaults()?.with_timeout(Duration::from_secs(300));
+        let docker = docker.negotiate_version().await?;
+        Ok(Self { docker, node })
+    }
+
+    /// Whether the engine answers.
+    pub async fn ping(&self) -> Result<(), EngineError> {
+        self.docker.ping().await?;
+        Ok(())
+    }
+
+    /// The engine's data root (for tests and diagnostics).
+    pub async fn data_root(&self) -> Result<String, EngineError> {
+        Ok(self
+            .docker
+            .info()
+            .await?
+            .docker_root_dir
+            .unwrap_or_else(|| "/var/lib/docker".into()))
+    }
+
+    /// Tagged images on the host, excluding images keyward built: what base images the server
+    /// may name.
+    pub async fn inventory(&self) -> Result<Vec<LocalImage>, EngineError> {
+        let images = self.docker.list_images(None::<ListImagesOptions>).await?;
+        let mut out: Vec<LocalImage> = images
+            .into_iter()
+            .filter(|i| !i.labels.contains_key(LABEL_NODE))
+            .filter_map(|i| {
+                let id = ImageId::new(i.id).ok()?;
+                let mut tags: Vec<String> = i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect();
+                tags.sort();
+                Some(LocalImage { id, tags })
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Check 7: the base image exists locally with exactly the signed id.
+    pub async fn check_base_image(&self, id: &ImageId) -> Result<(), EngineError> {
+        match self.docker.inspect_image(id.as_str()).await {
+            Ok(image) if image.id.as_deref() == Some(id.as_str()) => Ok(()),
+            Ok(_) => Err(EngineError::BaseImageMissing(id.clone())),
+            Err(e) if status_of(&e) == Some(404) => Err(EngineError::BaseImageMissing(id.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn labels(&self, manifest: &Manifest, digest: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_NODE.to_string(), self.node.to_string()),
+            (
+                LABEL_CONTAINER.to_string(),
+                manifest.container_id.to_string(),
+            ),
+            (
+                LABEL_GENERATION.to_string(),
+                manifest.generation.to_string(),
+            ),
+            (LABEL_DIGEST.to_string(), digest.to_string()),
+        ])
+    }
+
+    /// Builds the container's image `FROM` the signed base image id with `files` copied in.
+    /// Returns the new image id.
+    pub async fn build(
+        &self,
+        manifest: &Manifest,
+        digest: &str,
+        files: &[VerifiedFile],
+    ) -> Result<String, EngineError> {
+        let context = build_context(manifest, files)?;
+        let labels = self.labels(manifest, digest);
+        let tag = format!(
+            "keyward/{}/{}:g{}",
+            self.node, manifest.container_id, manifest.generation
+        );
+        let options = BuildImageOptionsBuilder::new()
+            .dockerfile("Dockerfile")
+            .t(&tag)
+            .rm(true)
+            .forcerm(true)
+            .nocache(true)
+            .labels(&labels)
+            .version(BuilderVersion::BuilderV1)
+            .build();
+        let body = bollard::body_full(Bytes::from_owner(WipeOnDrop(context)));
+        let mut stream = self.docker.build_image(options, None, Some(body));
+        let mut image = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(BuildInfo {
+                    aux: Some(BuildImageId { id: Some(id) }),
+                    ..
+                }) => image = Some(id),
+                Ok(_) => {}
+                Err(DockerError::DockerStreamError { error }) => {
+                    return Err(EngineError::Build(error));
+                }
+                Err(e) => return Err(EngineError::Build(e.to_string())),
+            }
+        }
+        image.ok_or_else(|| EngineError::Build("the engine reported no image id".into()))
+    }
+
+    /// Creates and starts the container for `manifest` from `image`. Returns its Docker id.
+    pub async fn create_and_start(
+        &self,
+        manifest: &Manifest,
+        digest: &str,
+        image: &str,
+    ) -> Result<String, EngineError> {
+        let mut exposed = Vec::new();
+        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for port in &manifest.run.ports {
+            let key = format!("{}/{}", port.container_port, port.protocol.as_str());
+            exposed.push(key.clone());
+            bindings
+                .entry(key)
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(PortBinding {
+                    host_ip: Some(port.host_ip.to_string()),
+                    host_port: Some(port.host_port.to_string()),
+                });
+        }
+        let body = ContainerCreateBody {
+            image: Some(image.to_string()),
+            cmd: (!manifest.run.command.is_empty()).then(|| manifest.run.command.clone()),
+            env: Some(
+                manifest
+                    .run
+                    .env
+                    .iter()
+                    .map(|v| format!("{}={}", v.name, v.value))
+                    .collect(),
+            ),
+            labels: Some(self.labels(manifest, digest)),
+            exposed_ports: Some(exposed),
+            host_config: Some(HostConfig {
+                port_bindings: Some(bindings),
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = format!(
+            "keyward-{}-{}-g{}",
+            self.node, manifest.container_name, manifest.generation
+        );
+        // A leftover of an interrupted attempt may hold the name; it is ours (same labels) or the
+        // create fails with a clear conflict.
+        self.remove_by_name_if_ours(&name, manifest).await?;
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::new().name(&name).build()),
+                body,
+            )
+            .await?;
+        crate::failpoint::hit("after-create");
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            let _ = self.remove_container(&created.id).await;
+            return Err(e.into());
+        }
+        Ok(created.id)
+    }
+
+    async fn remove_by_name_if_ours(
+        &self,
+        name: &str,
+        manifest: &Manifest,
+    ) -> Result<(), EngineError> {
+        match self.docker.inspect_container(name, None).await {
+            Ok(existing) => {
+                let labels = existing.config.and_then(|c| c.labels).unwrap_or_default();
+                let ours = labels.get(LABEL_NODE) == Some(&self.node.to_string())
+                    && labels.get(LABEL_CONTAINER) == Some(&manifest.container_id.to_string());
+                if ours && let Some(id) = existing.id {
+                    self.remove_container(&id).await?;
+                }
+                Ok(())
+            }
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits `wait`, then checks the container is still running and was never restarted.
+    pub async fn stays_running(&self, id: &str, wait: Duration) -> Result<(), String> {
+        tokio::time::sleep(wait).await;
+        let info = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let state = info.state.unwrap_or_default();
+        let restarts = info.restart_count.unwrap_or(0);
+        if state.running.unwrap_or(false) && !state.restarting.unwrap_or(false) && restarts == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "container did not stay running (exit code {}, restarts {restarts}{})",
+                state.exit_code.unwrap_or(0),
+                state
+                    .error
+                    .filter(|e| !e.is_empty())
+                    .map(|e| format!(", {e}"))
+                    .unwrap_or_default()
+            ))
+        }
+    }
+
+    /// Stops a container (idempotent).
+    pub async fn stop(&self, id: &str) -> Result<(), EngineError> {
+        match self
+            .docker
+            .stop_container(
+                id,
+                Some(
+                    StopContainerOptionsBuilder::new()
+                        .t(STOP_GRACE_SECS)
+                        .build(),
+                ),
+            )
+            .await
+        {
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Starts a container (idempotent).
+    pub async fn start(&self, id: &str) -> Result<(), EngineError> {
+        Ok(self.docker.start_container(id, None).await?)
+    }
+
+    /// Removes a container with its anonymous volumes (idempotent).
+    pub async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Removes an image and its untagged parents (idempotent). Returns the ids deleted.
+    pub async fn remove_image(&self, id: &str) -> Result<Vec<String>, EngineError> {
+        let options = RemoveImageOptionsBuilder::new()
+            .force(true)
+            .noprune(false)
+            .build();
+        match self.docker.remove_image(id, Some(options), None).await {
+            Ok(items) => Ok(items.into_iter().filter_map(|i| i.deleted).collect()),
+            Err(e) if status_of(&e) == Some(404) => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Prunes build cache. The classic builder keeps no cache beyond the intermediate images
+    /// that [`Engine::remove_image`] deletes; this clears what a BuildKit-enabled engine may
+    /// have kept. Failure is not fatal: older engines without BuildKit answer with an error.
+    pub async fn prune_build_cache(&self) {
+        if let Err(e) = self
+            .docker
+            .prune_build(Some(PruneBuildOptionsBuilder::new().build()))
+            .await
+        {
+            tracing::debug!(error = %e, "build cache prune not available");
+        }
+    }
+
+    /// Lists this node's objects, optionally only those of one keyward container.
+    pub async fn objects(&self, container: Option<&ContainerId>) -> Result<Objects, EngineError> {
+        let mut filter = vec![format!("{LABEL_NODE}={}", self.node)];
+        if let Some(c) = container {
+            filter.push(format!("{LABEL_CONTAINER}={c}"));
+        }
+        let filters = HashMap::from([("label".to_string(), filter)]);
+        let containers = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::new()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?
+            .into_iter()
+            .map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                ManagedContainer {
+                    id: c.id.unwrap_or_default(),
+                    container: labels.get(LABEL_CONTAINER).cloned().unwrap_or_default(),
+                    generation: labels
+                        .get(LABEL_GENERATION)
+                        .and_then(|g| g.parse().ok())
+                        .unwrap_or(0),
+                    digest: labels.get(LABEL_DIGEST).cloned().unwrap_or_default(),
+                    image: c.image_id.unwrap_or_default(),
+                    running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
+                }
+            })
+            .collect();
+        let images = self
+            .docker
+            .list_images(Some(
+                ListImagesOptionsBuilder::new()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?
+            .into_iter()
+            .map(|i| ManagedImage {
+                container: i.labels.get(LABEL_CONTAINER).cloned().unwrap_or_default(),
+                generation: i
+                    .labels
+                    .get(LABEL_GENERATION)
+                    .and_then(|g| g.parse().ok())
+                    .unwrap_or(0),
+                id: i.id,
+            })
+            .collect();
+        Ok(Objects { containers, images })
+    }
+}
+
+/// The Dockerfile and the tar context: one `COPY` per file, each file's tar header carrying its
+/// signed mode and owner.
+fn build_context(manifest: &Manifest, files: &[VerifiedFile]) -> Result<Vec<u8>, EngineError> {
+    let mut dockerfile = format!("FROM {}\n", manifest.image.id);
+    for (i, file) in files.iter().enumerate() {
+        // Paths are SafePaths: absolute, normalized, no control characters; JSON quoting keeps
+        // spaces and quotes literal.
+        let dest = serde_json::to_string(file.path().as_str())
+            .map_err(|e| EngineError::Context(e.to_string()))?;
+        dockerfile.push_str(&format!("COPY [\"f{i}\", {dest}]\n"));
+    }
+
+    // Sized up front so the buffer holding secret bytes is never reallocated (a reallocation
+    // would free a copy without overwriting it).
+    let capacity = files
+        .iter()
+        .map(|f| 1024 + f.content().len())
+        .sum::<usize>()
+        + dockerfile.len()
+        + 4096;
+    let mut builder = tar::Builder::new(Vec::with_capacity(capacity));
+    let mut append = |name: &str, data: &[u8], mode: u32, uid: u64, gid: u64| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(mode);
+        header.set_uid(uid);
+        header.set_gid(gid);
+        header.set_mtime(0);
+        builder
+            .append_data(&mut header, name, data)
+            .map_err(|e| EngineError::Context(e.to_string()))
+    };
+    append("Dockerfile", dockerfile.as_bytes(), 0o644, 0, 0)?;
+    for (i, file) in files.iter().enumerate() {
+        append(
+            &format!("f{i}"),
+            file.content().expose(),
+            file.mode().bits(),
+            u64::from(file.uid()),
+            u64::from(file.gid()),
+        )?;
+    }
+    builder
+        .into_inner()
+        .map_err(|e| EngineError::Context(e.to_string()))
+}
