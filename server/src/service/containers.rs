@@ -243,6 +243,8 @@ impl Service {
     ) -> ServiceResult<AccessKeyResponse> {
         let (mut tx, revision) = self.store.write().await?;
         let record = self.active_container(&mut tx, id).await?;
+        let old_key_id = record.access_key_id.clone();
+        let old_fingerprint = record_fingerprint(&mut tx, &old_key_id).await?;
         let access = sshkeys::generate(&format!("keyward-access:{id}"))
             .map_err(|e| ServiceError::internal(&e))?;
         let key_id = new_id("k");
@@ -260,7 +262,7 @@ impl Service {
         .await?;
         revoke_keys(
             &mut tx,
-            &[record.access_key_id.clone()],
+            std::slice::from_ref(&old_key_id),
             "container access key rotated",
             at,
         )
@@ -286,8 +288,8 @@ impl Service {
         )
         .await?;
         let details = serde_json::json!({
-            "old_access_key": record_fingerprint(&mut tx, &record.access_key_id).await?,
-            "revoked_key_id": record.access_key_id,
+            "old_access_key": old_fingerprint,
+            "revoked_key_id": old_key_id,
             "new_access_key": access.fingerprint,
         });
         audit::append(
