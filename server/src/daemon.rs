@@ -81,7 +81,27 @@ pub async fn build_service(settings: Settings) -> Result<Arc<Service>, DaemonErr
 }
 
 /// Runs the server until a termination signal.
-pub async fn run(settings: Settings) -> Result<(), DaemonError> {
+pub async fn run(mut settings: Settings) -> Result<(), DaemonError> {
+    // Bind first: with port 0 the default URLs printed for agents must carry the real ports.
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Bind { addr, source })
+    };
+    let api_listener = bind(settings.listen).await?;
+    let enroll_listener = bind(settings.enroll_listen).await?;
+    let local = |listener: &TcpListener, addr| {
+        listener.local_addr().map_err(|source| DaemonError::Bind { addr, source })
+    };
+    let api_addr = local(&api_listener, settings.listen)?;
+    let enroll_addr = local(&enroll_listener, settings.enroll_listen)?;
+    if settings.server_url == format!("https://{}", settings.listen) {
+        settings.server_url = format!("https://{api_addr}");
+    }
+    if settings.enroll_url == format!("https://{}", settings.enroll_listen) {
+        settings.enroll_url = format!("https://{enroll_addr}");
+    }
+
     let data = DataDir::new(settings.data_dir.clone());
     let service = build_service(settings).await?;
     let settings = &service.settings;
@@ -100,25 +120,6 @@ pub async fn run(settings: Settings) -> Result<(), DaemonError> {
         ClientAuth::Optional,
         service.deny.clone(),
     )?;
-    let bind = |addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Bind { addr, source })
-    };
-    let api_listener = bind(settings.listen).await?;
-    let enroll_listener = bind(settings.enroll_listen).await?;
-    let api_addr = api_listener
-        .local_addr()
-        .map_err(|source| DaemonError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
-    let enroll_addr = enroll_listener
-        .local_addr()
-        .map_err(|source| DaemonError::Bind {
-            addr: settings.enroll_listen,
-            source,
-        })?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(settings.max_connections));

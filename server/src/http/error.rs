@@ -1,14 +1,20 @@
 //! Error answers and JSON bodies: every non-2xx answer is a JSON [`ErrorBody`].
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use std::sync::Arc;
+
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use keyward_common::api::ErrorBody;
+use http_body_util::BodyExt as _;
 use serde::de::DeserializeOwned;
 
-use crate::service::{ErrorKind, ServiceError};
+use crate::service::{ErrorKind, Service, ServiceError};
+
+/// How much of an oversized body is read and thrown away before answering 413. Reading it lets
+/// the client receive the answer: closing a socket with unread data makes the kernel reset the
+/// connection, and the client would see a reset instead of the 413.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
 impl IntoResponse for ServiceError {
     fn into_response(self) -> Response {
@@ -35,33 +41,37 @@ impl IntoResponse for ServiceError {
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
-impl<S, T> FromRequest<S> for ApiJson<T>
+impl<T> FromRequest<Arc<Service>> for ApiJson<T>
 where
-    S: Send + Sync,
     T: DeserializeOwned,
 {
     type Rejection = ServiceError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(body_error)?;
+    async fn from_request(req: Request, service: &Arc<Service>) -> Result<Self, Self::Rejection> {
+        let limit = service.settings.max_body_bytes;
+        let mut body = req.into_body();
+        let mut bytes = Vec::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ServiceError::bad_request(format!("request body could not be read: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            total += data.len();
+            if total <= limit {
+                bytes.extend_from_slice(&data);
+            } else if total > limit + DRAIN_LIMIT {
+                break;
+            }
+        }
+        if total > limit {
+            return Err(ServiceError::new(
+                ErrorKind::TooLarge,
+                "too_large",
+                format!("request body is larger than the server accepts ({limit} bytes)"),
+            ));
+        }
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| ServiceError::bad_request(format!("invalid JSON body: {e}")))
-    }
-}
-
-fn body_error(rejection: BytesRejection) -> ServiceError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ServiceError::new(
-            ErrorKind::TooLarge,
-            "too_large",
-            "request body is larger than the server accepts",
-        )
-    } else {
-        ServiceError::bad_request(format!(
-            "request body could not be read: {}",
-            rejection.body_text()
-        ))
     }
 }
 
