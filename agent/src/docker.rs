@@ -427,7 +427,27 @@ impl Engine {
     }
 
     /// Lists this node's objects, optionally only those of one keyward container.
+    ///
+    /// Images are the top-level ones (built images and dangling leftovers of interrupted
+    /// builds); intermediate images of a build carry the same labels but go away with the image
+    /// built on them. `with_intermediate` lists those too, to check that a wipe left nothing.
     pub async fn objects(&self, container: Option<&ContainerId>) -> Result<Objects, EngineError> {
+        self.list(container, false).await
+    }
+
+    /// Like [`Engine::objects`], including intermediate images.
+    pub async fn all_objects(
+        &self,
+        container: Option<&ContainerId>,
+    ) -> Result<Objects, EngineError> {
+        self.list(container, true).await
+    }
+
+    async fn list(
+        &self,
+        container: Option<&ContainerId>,
+        with_intermediate: bool,
+    ) -> Result<Objects, EngineError> {
         let mut filter = vec![format!("{LABEL_NODE}={}", self.node)];
         if let Some(c) = container {
             filter.push(format!("{LABEL_CONTAINER}={c}"));
@@ -462,7 +482,7 @@ impl Engine {
             .docker
             .list_images(Some(
                 ListImagesOptionsBuilder::new()
-                    .all(true)
+                    .all(with_intermediate)
                     .filters(&filters)
                     .build(),
             ))

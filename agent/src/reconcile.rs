@@ -409,7 +409,7 @@ impl Reconciler {
         self.engine.prune_build_cache().await;
         let left = self
             .engine
-            .objects(Some(&cid))
+            .all_objects(Some(&cid))
             .await
             .map_err(|e| e.to_string())?;
         if !left.containers.is_empty() || !left.images.is_empty() {

@@ -91,7 +91,9 @@ pub async fn run(mut settings: Settings) -> Result<(), DaemonError> {
     let api_listener = bind(settings.listen).await?;
     let enroll_listener = bind(settings.enroll_listen).await?;
     let local = |listener: &TcpListener, addr| {
-        listener.local_addr().map_err(|source| DaemonError::Bind { addr, source })
+        listener
+            .local_addr()
+            .map_err(|source| DaemonError::Bind { addr, source })
     };
     let api_addr = local(&api_listener, settings.listen)?;
     let enroll_addr = local(&enroll_listener, settings.enroll_listen)?;

@@ -30,10 +30,21 @@ impl TestAgent {
     }
 
     /// Like [`TestAgent::enroll_and_start`] with extra `run` flags and environment.
-    pub async fn enroll_and_start_with(server: &TestServer, node: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+    pub async fn enroll_and_start_with(
+        server: &TestServer,
+        node: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let token: TokenResponse = server
             .operator()
-            .post_json("/v1/nodes/tokens", &CreateTokenRequest { node: node.into(), ttl_seconds: None })
+            .post_json(
+                "/v1/nodes/tokens",
+                &CreateTokenRequest {
+                    node: node.into(),
+                    ttl_seconds: None,
+                },
+            )
             .await
             .expect("creating a join token");
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -42,18 +53,32 @@ impl TestAgent {
             dir,
             node: node.to_string(),
             server_url: server.api_url.clone(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             args: args.iter().map(|a| a.to_string()).collect(),
         };
         let out = Command::new(bins::path("keyward-agent"))
             .args(["enroll", "--state"])
             .arg(agent.state())
-            .args(["--server", &token.server_url, "--enroll-url", &token.enroll_url, "--node", node])
+            .args([
+                "--server",
+                &token.server_url,
+                "--enroll-url",
+                &token.enroll_url,
+                "--node",
+                node,
+            ])
             .args(["--ca-fingerprint", &token.ca_fingerprint])
             .env("KEYWARD_JOIN_TOKEN", token.token.expose())
             .output()
             .expect("running keyward-agent enroll");
-        assert!(out.status.success(), "enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "enroll failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         agent.start();
         agent
     }
@@ -81,7 +106,11 @@ impl TestAgent {
     /// Starts the agent with extra environment for this start only (for example a crash point).
     pub fn start_with_env(&mut self, extra: &[(&str, &str)]) {
         assert!(self.child.is_none(), "agent already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
         let mut cmd = Command::new(bins::path("keyward-agent"));
         cmd.args(["run", "--state"])
             .arg(self.state())
@@ -126,7 +155,9 @@ impl TestAgent {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 

@@ -10,7 +10,10 @@ pub fn dir() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent().and_then(|deps| deps.parent()).map(PathBuf::from).expect("target directory")
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .expect("target directory")
 }
 
 /// Path of binary `name`, which must have been built (`cargo build --workspace --bins`, as

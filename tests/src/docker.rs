@@ -14,14 +14,24 @@ pub const TEST_LABEL: &str = "io.keyward.test";
 
 /// Runs `docker` with `args`, returning stdout; panics with stderr on failure.
 pub fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("running docker");
-    assert!(out.status.success(), "docker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("running docker");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs `docker` with `args`, returning whether it succeeded and its combined output.
 pub fn docker_try(args: &[&str]) -> (bool, String) {
-    let out = Command::new("docker").args(args).output().expect("running docker");
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("running docker");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
@@ -39,10 +49,18 @@ pub fn base_image_id() -> String {
     let (exists, _) = docker_try(&["image", "inspect", BASE_IMAGE]);
     if !exists {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-base-image");
-        let out = Command::new(&script).output().expect("running scripts/make-base-image");
-        assert!(out.status.success(), "make-base-image failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(&script)
+            .output()
+            .expect("running scripts/make-base-image");
+        assert!(
+            out.status.success(),
+            "make-base-image failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let id = docker(&["image", "inspect", "--format", "{{.Id}}", BASE_IMAGE]).trim().to_string();
+    let id = docker(&["image", "inspect", "--format", "{{.Id}}", BASE_IMAGE])
+        .trim()
+        .to_string();
     *cached = Some(id.clone());
     id
 }
@@ -60,7 +78,16 @@ pub fn containers_with(labels: &[String]) -> Vec<String> {
 
 /// Ids of images (including intermediate ones) whose labels match every filter.
 pub fn images_with(labels: &[String]) -> Vec<String> {
-    let mut args = vec!["images", "-aq", "--no-trunc"];
+    list_images(labels, "-aq")
+}
+
+/// Ids of top-level images (built or dangling, not intermediate) whose labels match every filter.
+pub fn top_images_with(labels: &[String]) -> Vec<String> {
+    list_images(labels, "-q")
+}
+
+fn list_images(labels: &[String], flags: &str) -> Vec<String> {
+    let mut args = vec!["images", flags, "--no-trunc"];
     let filters: Vec<String> = labels.iter().map(|l| format!("label={l}")).collect();
     for f in &filters {
         args.push("--filter");
@@ -82,7 +109,10 @@ pub struct Cleanup {
 impl Cleanup {
     /// A guard for objects of `nodes` (agents' `io.keyward.node` label).
     pub fn new(nodes: &[&str]) -> Self {
-        Self { nodes: nodes.iter().map(|n| n.to_string()).collect(), test_label: crate::unique("t") }
+        Self {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            test_label: crate::unique("t"),
+        }
     }
 
     /// The `io.keyward.test=<value>` label for objects the test creates directly.
@@ -92,7 +122,11 @@ impl Cleanup {
 
     /// Removes everything now.
     pub fn run(&self) {
-        let mut selectors: Vec<String> = self.nodes.iter().map(|n| format!("io.keyward.node={n}")).collect();
+        let mut selectors: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("io.keyward.node={n}"))
+            .collect();
         selectors.push(self.label());
         for selector in &selectors {
             let containers = containers_with(std::slice::from_ref(selector));
@@ -118,15 +152,26 @@ impl Drop for Cleanup {
 /// Reads one file from a container through the Docker API (`docker cp` to a tar stream):
 /// returns its content, mode, uid and gid.
 pub fn read_file(container: &str, path: &str) -> (Vec<u8>, u32, u64, u64) {
-    let out = Command::new("docker").args(["cp", &format!("{container}:{path}"), "-"]).output().expect("docker cp");
-    assert!(out.status.success(), "docker cp {path} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("docker")
+        .args(["cp", &format!("{container}:{path}"), "-"])
+        .output()
+        .expect("docker cp");
+    assert!(
+        out.status.success(),
+        "docker cp {path} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_single_file_tar(&out.stdout)
 }
 
 /// Parses a tar holding one regular file (ustar header, as `docker cp` writes).
 fn parse_single_file_tar(tar: &[u8]) -> (Vec<u8>, u32, u64, u64) {
     let octal = |field: &[u8]| -> u64 {
-        let text: String = field.iter().take_while(|b| **b != 0 && **b != b' ').map(|b| *b as char).collect();
+        let text: String = field
+            .iter()
+            .take_while(|b| **b != 0 && **b != b' ')
+            .map(|b| *b as char)
+            .collect();
         u64::from_str_radix(text.trim(), 8).unwrap_or(0)
     };
     let header = &tar[..512];
@@ -142,8 +187,11 @@ pub fn data_root() -> PathBuf {
     PathBuf::from(docker(&["info", "--format", "{{.DockerRootDir}}"]).trim())
 }
 
-/// Build cache size as `docker system df` reports it (bytes of the "Build Cache" line, 0 if none).
+/// Number of build cache entries `docker system df` reports.
 pub fn build_cache_entries() -> usize {
-    let (_, text) = docker_try(&["builder", "du"]);
-    text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("ID") && !l.starts_with("Reclaimable") && !l.starts_with("Total")).count()
+    let text = docker(&["system", "df", "--format", "{{.Type}}\t{{.TotalCount}}"]);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Build Cache\t"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }

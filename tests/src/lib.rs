@@ -6,6 +6,7 @@
 //! - [`agent`]: a `keyward-agent` enrolled against a test server.
 //! - [`postgres`]: a throwaway PostgreSQL cluster (initdb, free port, torn down on drop).
 //! - [`docker`]: the base image, label-scoped cleanup, reading files back from containers.
+//! - [`evil`]: a hostile server with stolen keys, for refusal tests.
 //! - [`node`]: a node client without Docker, for server tests and the load generator.
 //! - [`ssh`]: logging in with the OpenSSH client through a port on 127.0.0.1.
 //! - [`wait`]: polling helpers with deadlines.
@@ -15,6 +16,7 @@
 pub mod agent;
 pub mod bins;
 pub mod docker;
+pub mod evil;
 pub mod node;
 pub mod postgres;
 pub mod server;

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use keyward_certs::generate_csr;
-use keyward_common::api::{CertificateResponse, EnrollRequest, LocalImage, StatusReport, WatchResponse};
+use keyward_common::api::{
+    CertificateResponse, EnrollRequest, LocalImage, StatusReport, WatchResponse,
+};
 use keyward_common::client::{ApiClient, ClientError};
 use keyward_common::ids::{ImageId, NodeId, Sha256Digest};
 use keyward_common::secret::SecretString;
@@ -32,7 +34,13 @@ pub struct FakeNode {
 /// Creates a join token for `node` with the operator client.
 pub async fn token(operator: &ApiClient, node: &str) -> TokenResponse {
     operator
-        .post_json("/v1/nodes/tokens", &CreateTokenRequest { node: node.into(), ttl_seconds: None })
+        .post_json(
+            "/v1/nodes/tokens",
+            &CreateTokenRequest {
+                node: node.into(),
+                ttl_seconds: None,
+            },
+        )
         .await
         .expect("creating a join token")
 }
@@ -61,17 +69,44 @@ impl FakeNode {
     /// Enrolls `node` on the server behind `operator`.
     pub async fn enroll(operator: &ApiClient, api_url: &str, node: &str) -> Self {
         let token = token(operator, node).await;
-        let (answer, key_pem) =
-            enroll_raw(&token.enroll_url, &token.ca_fingerprint, node, token.token.expose()).await.expect("enrollment");
-        Self::from_parts(api_url, node, &answer.certificate_pem, &key_pem, &answer.ca_pem, answer.trust_root.get())
+        let (answer, key_pem) = enroll_raw(
+            &token.enroll_url,
+            &token.ca_fingerprint,
+            node,
+            token.token.expose(),
+        )
+        .await
+        .expect("enrollment");
+        Self::from_parts(
+            api_url,
+            node,
+            &answer.certificate_pem,
+            &key_pem,
+            &answer.ca_pem,
+            answer.trust_root.get(),
+        )
     }
 
     /// A node client from certificate material.
-    pub fn from_parts(api_url: &str, node: &str, cert_pem: &str, key_pem: &str, ca_pem: &str, trust_root: &str) -> Self {
+    pub fn from_parts(
+        api_url: &str,
+        node: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        ca_pem: &str,
+        trust_root: &str,
+    ) -> Self {
         let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("ca");
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("cert");
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
-        let config = client_config(&ca, Some(CertifiedKey { chain: vec![cert], key })).expect("client config");
+        let config = client_config(
+            &ca,
+            Some(CertifiedKey {
+                chain: vec![cert],
+                key,
+            }),
+        )
+        .expect("client config");
         Self {
             id: NodeId::new(node).expect("node id"),
             client: ApiClient::new(api_url, config, Duration::from_secs(60)).expect("client"),
@@ -84,15 +119,24 @@ impl FakeNode {
 
     /// Long-polls for changes after `since`, waiting up to `wait_secs`.
     pub async fn watch(&self, since: u64, wait_secs: u64) -> Result<WatchResponse, ClientError> {
-        self.client.get_json(&format!("/v1/node/watch?since={since}&wait={wait_secs}")).await
+        self.client
+            .get_json(&format!("/v1/node/watch?since={since}&wait={wait_secs}"))
+            .await
     }
 
     /// Reports an inventory holding one image with `tag`; returns the made-up image id.
     pub async fn report_image(&self, tag: &str) -> ImageId {
-        let id = ImageId::new(format!("sha256:{}", Sha256Digest::of(tag.as_bytes()).to_hex())).expect("image id");
+        let id = ImageId::new(format!(
+            "sha256:{}",
+            Sha256Digest::of(tag.as_bytes()).to_hex()
+        ))
+        .expect("image id");
         let report = StatusReport {
             containers: Vec::new(),
-            inventory: Some(vec![LocalImage { id: id.clone(), tags: vec![tag.to_string()] }]),
+            inventory: Some(vec![LocalImage {
+                id: id.clone(),
+                tags: vec![tag.to_string()],
+            }]),
         };
         self.report(&report).await.expect("reporting inventory");
         id
@@ -101,6 +145,10 @@ impl FakeNode {
     /// Sends a status report.
     pub async fn report(&self, report: &StatusReport) -> Result<(), ClientError> {
         let body = serde_json::to_vec(report).expect("report serializes");
-        self.client.send(hyper::Method::POST, "/v1/node/status", Some(body)).await?.error_for_status().map(|_| ())
+        self.client
+            .send(hyper::Method::POST, "/v1/node/status", Some(body))
+            .await?
+            .error_for_status()
+            .map(|_| ())
     }
 }

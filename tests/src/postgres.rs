@@ -19,7 +19,13 @@ pub struct TestPostgres {
 
 fn bin_dir() -> PathBuf {
     let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.flatten().map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").exists())
+                .collect()
+        })
         .unwrap_or_default();
     candidates.sort();
     candidates.pop().unwrap_or_else(|| {
@@ -41,11 +47,18 @@ impl TestPostgres {
     /// Creates and starts a cluster.
     pub fn start() -> Self {
         let bin = bin_dir();
-        let dir = tempfile::Builder::new().prefix("keyward-pg").tempdir().expect("temporary directory");
+        let dir = tempfile::Builder::new()
+            .prefix("keyward-pg")
+            .tempdir()
+            .expect("temporary directory");
         let data = dir.path().join("data");
         if nix::unistd::geteuid().is_root() {
-            let user = nix::unistd::User::from_name("postgres").ok().flatten().expect("a postgres user (from the postgresql package)");
-            nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid)).expect("chown for postgres");
+            let user = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .expect("a postgres user (from the postgresql package)");
+            nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))
+                .expect("chown for postgres");
         }
         let out = as_postgres_user(bin.join("initdb"))
             .args(["-D"])
@@ -53,7 +66,11 @@ impl TestPostgres {
             .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
             .output()
             .expect("running initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
 
         let port = crate::free_port();
         let child = as_postgres_user(bin.join("postgres"))
@@ -66,7 +83,11 @@ impl TestPostgres {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting postgres");
-        let pg = Self { child: Some(child), dir, port };
+        let pg = Self {
+            child: Some(child),
+            dir,
+            port,
+        };
         pg.wait_ready(&bin);
         pg
     }
@@ -75,7 +96,14 @@ impl TestPostgres {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ready = Command::new(bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -83,7 +111,11 @@ impl TestPostgres {
             if ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "postgres did not become ready on port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not become ready on port {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -91,11 +123,23 @@ impl TestPostgres {
     /// Creates database `name` and returns its URL.
     pub fn database(&self, name: &str) -> String {
         let out = Command::new(bin_dir().join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-c"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-c",
+            ])
             .arg(format!("CREATE DATABASE \"{name}\""))
             .output()
             .expect("running psql");
-        assert!(out.status.success(), "CREATE DATABASE failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "CREATE DATABASE failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 

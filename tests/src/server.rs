@@ -40,13 +40,30 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temporary directory");
         let data = dir.path().join("data");
         let mut init = Command::new(bins::path("keyward-server"));
-        init.args(["init", "--data"]).arg(&data).args(["--domain", "fleet.test", "--san", "127.0.0.1", "--san", "localhost"]);
+        init.args(["init", "--data"]).arg(&data).args([
+            "--domain",
+            "fleet.test",
+            "--san",
+            "127.0.0.1",
+            "--san",
+            "localhost",
+        ]);
         if let Some(url) = &options.database_url {
             init.args(["--database-url", url]);
         }
         let out = init.output().expect("running keyward-server init");
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut server = Self { child: None, dir, api_url: String::new(), enroll_url: String::new(), options };
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut server = Self {
+            child: None,
+            dir,
+            api_url: String::new(),
+            enroll_url: String::new(),
+            options,
+        };
         server.spawn(None);
         server
     }
@@ -73,11 +90,20 @@ impl TestServer {
 
     fn spawn(&mut self, ports: Option<(u16, u16)>) {
         let (api, enroll) = ports.unwrap_or((0, 0));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
         let mut cmd = Command::new(bins::path("keyward-server"));
         cmd.args(["serve", "--data"])
             .arg(self.data())
-            .args(["--listen", &format!("127.0.0.1:{api}"), "--enroll-listen", &format!("127.0.0.1:{enroll}")])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--enroll-listen",
+                &format!("127.0.0.1:{enroll}"),
+            ])
             .args(&self.options.extra_args)
             .env("RUST_LOG", "info,keyward_server=debug")
             .stdout(Stdio::piped())
@@ -91,7 +117,9 @@ impl TestServer {
         let mut child = cmd.spawn().expect("starting keyward-server");
         let stdout = child.stdout.take().expect("stdout piped");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("reading the listening line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the listening line");
         let Some(rest) = line.trim().strip_prefix("keyward-server listening ") else {
             let _ = child.kill();
             let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
@@ -112,7 +140,12 @@ impl TestServer {
     }
 
     fn ports(&self) -> (u16, u16) {
-        let port = |url: &str| url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let port = |url: &str| {
+            url.rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0)
+        };
         (port(&self.api_url), port(&self.enroll_url))
     }
 
@@ -188,7 +221,9 @@ pub fn dir_contains(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(path) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
         if meta.is_dir() {
             if let Ok(entries) = std::fs::read_dir(&path) {
                 stack.extend(entries.flatten().map(|e| e.path()));

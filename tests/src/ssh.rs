@@ -21,8 +21,22 @@ pub fn login(port: u16, key: &Path, known_hosts_line: &str, command: &str) -> Lo
     let known_hosts = dir.path().join("known_hosts");
     std::fs::write(&known_hosts, format!("{known_hosts_line}\n")).expect("writing known_hosts");
     let out = Command::new("ssh")
-        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"])
-        .args(["-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "-F", "/dev/null"])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args([
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            "-F",
+            "/dev/null",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
         .arg("-i")

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use keyward_common::api::ErrorBody;
 use http_body_util::BodyExt as _;
+use keyward_common::api::ErrorBody;
 use serde::de::DeserializeOwned;
 
 use crate::service::{ErrorKind, Service, ServiceError};
@@ -53,8 +53,12 @@ where
         let mut bytes = Vec::new();
         let mut total = 0usize;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ServiceError::bad_request(format!("request body could not be read: {e}")))?;
-            let Ok(data) = frame.into_data() else { continue };
+            let frame = frame.map_err(|e| {
+                ServiceError::bad_request(format!("request body could not be read: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             total += data.len();
             if total <= limit {
                 bytes.extend_from_slice(&data);
