@@ -234,7 +234,7 @@ impl Engine {
             .labels(&labels)
             .version(BuilderVersion::BuilderV1)
             .build();
-        let body = bollard::body_full(Bytes::from_owner(WipeOnDrop(context)));
+        let body = bollard::body_full(Bytes::from_owner(context));
         let mut stream = self.docker.build_image(options, None, Some(body));
         let mut image = None;
         while let Some(item) = stream.next().await {
@@ -502,49 +502,113 @@ impl Engine {
     }
 }
 
-/// The Dockerfile and the tar context: one `COPY` per file, each file's tar header carrying its
-/// signed mode and owner.
-fn build_context(manifest: &Manifest, files: &[VerifiedFile]) -> Result<Vec<u8>, EngineError> {
-    let mut dockerfile = format!("FROM {}\n", manifest.image.id);
-    for (i, file) in files.iter().enumerate() {
-        // Paths are SafePaths: absolute, normalized, no control characters; JSON quoting keeps
-        // spaces and quotes literal.
-        let dest = serde_json::to_string(file.path().as_str())
-            .map_err(|e| EngineError::Context(e.to_string()))?;
-        dockerfile.push_str(&format!("COPY [\"f{i}\", {dest}]\n"));
-    }
+/// Name of the archive of injected files inside the build context.
+const FILES_ARCHIVE: &str = "files.tar";
 
-    // Sized up front so the buffer holding secret bytes is never reallocated (a reallocation
-    // would free a copy without overwriting it).
-    let capacity = files
+/// One tar entry: name, content, mode, uid, gid.
+type Entry<'a> = (&'a str, &'a [u8], u32, u64, u64);
+
+/// Writes `entries` as a tar archive into a buffer sized up front, so the buffer holding
+/// secret bytes is never reallocated (a reallocation would free a copy without overwriting it).
+fn archive(entries: &[Entry<'_>]) -> Result<WipeOnDrop, EngineError> {
+    let capacity = entries
         .iter()
-        .map(|f| 1024 + f.content().len())
+        .map(|(name, data, ..)| 1536 + name.len() + data.len())
         .sum::<usize>()
-        + dockerfile.len()
-        + 4096;
+        + 2048;
     let mut builder = tar::Builder::new(Vec::with_capacity(capacity));
-    let mut append = |name: &str, data: &[u8], mode: u32, uid: u64, gid: u64| {
+    for (name, data, mode, uid, gid) in entries {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
-        header.set_mode(mode);
-        header.set_uid(uid);
-        header.set_gid(gid);
+        header.set_mode(*mode);
+        header.set_uid(*uid);
+        header.set_gid(*gid);
         header.set_mtime(0);
         builder
-            .append_data(&mut header, name, data)
-            .map_err(|e| EngineError::Context(e.to_string()))
-    };
-    append("Dockerfile", dockerfile.as_bytes(), 0o644, 0, 0)?;
-    for (i, file) in files.iter().enumerate() {
-        append(
-            &format!("f{i}"),
-            file.content().expose(),
-            file.mode().bits(),
-            u64::from(file.uid()),
-            u64::from(file.gid()),
-        )?;
+            .append_data(&mut header, name, *data)
+            .map_err(|e| EngineError::Context(e.to_string()))?;
     }
     builder
         .into_inner()
+        .map(WipeOnDrop)
         .map_err(|e| EngineError::Context(e.to_string()))
+}
+
+/// The build context: a Dockerfile `FROM` the signed image id that `ADD`s an inner archive of
+/// the injected files to `/`.
+///
+/// `ADD` of a local archive extracts each entry with the mode, uid and gid of its tar header and
+/// creates missing parent directories (0755, root) without touching existing ones, in a single
+/// layer. (One `COPY` per file would cost a layer each and reset owners to root.)
+fn build_context(manifest: &Manifest, files: &[VerifiedFile]) -> Result<WipeOnDrop, EngineError> {
+    let mut dockerfile = format!("FROM {}\n", manifest.image.id);
+    let inner = if files.is_empty() {
+        None
+    } else {
+        dockerfile.push_str(&format!("ADD [\"{FILES_ARCHIVE}\", \"/\"]\n"));
+        let entries: Vec<Entry<'_>> = files
+            .iter()
+            .map(|f| {
+                // SafePaths are absolute and normalized; the archive holds them relative to `/`.
+                let name = f.path().as_str().trim_start_matches('/');
+                (
+                    name,
+                    f.content().expose(),
+                    f.mode().bits(),
+                    u64::from(f.uid()),
+                    u64::from(f.gid()),
+                )
+            })
+            .collect();
+        Some(archive(&entries)?)
+    };
+    let mut outer: Vec<Entry<'_>> = vec![("Dockerfile", dockerfile.as_bytes(), 0o644, 0, 0)];
+    if let Some(inner) = &inner {
+        outer.push((FILES_ARCHIVE, inner.as_ref(), 0o600, 0, 0));
+    }
+    archive(&outer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyward_common::ids::{ContainerId, ContainerName, ImageId, NodeId};
+    use keyward_common::manifest::{Action, BaseImage, RunSettings};
+    use std::io::Read as _;
+
+    #[test]
+    fn the_context_adds_one_archive_whose_entries_carry_the_signed_modes_and_owners() {
+        let manifest = Manifest {
+            container_id: ContainerId::new("c").unwrap(),
+            container_name: ContainerName::new("web").unwrap(),
+            node: NodeId::new("n").unwrap(),
+            generation: 1,
+            revision: 1,
+            issued_at: 0,
+            expires_at: 0,
+            action: Action::Run,
+            image: BaseImage {
+                reference: "x".into(),
+                id: ImageId::new(format!("sha256:{}", "a".repeat(64))).unwrap(),
+            },
+            run: RunSettings::default(),
+            files: Vec::new(),
+        };
+        let context = build_context(&manifest, &[]).unwrap();
+        let mut outer = tar::Archive::new(context.as_ref());
+        let mut names = Vec::new();
+        for entry in outer.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let mut text = String::new();
+            entry.read_to_string(&mut text).unwrap();
+            names.push((entry.path().unwrap().display().to_string(), text));
+        }
+        assert_eq!(
+            names,
+            vec![(
+                "Dockerfile".to_string(),
+                format!("FROM sha256:{}\n", "a".repeat(64))
+            )]
+        );
+    }
 }

@@ -270,11 +270,14 @@ impl Reconciler {
         let digest = verified.digest().to_hex();
 
         // Check 7, then the files (check 6 on their content).
+        let started_at = std::time::Instant::now();
         self.engine.check_base_image(&manifest.image.id).await?;
         let files = fetch_files(verified, client).await?;
+        let fetched = started_at.elapsed();
 
         let image = self.engine.build(manifest, &digest, &files).await?;
         drop(files);
+        let built = started_at.elapsed();
         failpoint::hit("after-build");
 
         // Replace: stop the old container, start the new one, keep it if it stays up.
@@ -282,11 +285,20 @@ impl Reconciler {
         for c in &old {
             self.engine.stop(&c.id).await?;
         }
-        let started = match self
+        let stopped = started_at.elapsed();
+        let created = self
             .engine
             .create_and_start(manifest, &digest, &image)
-            .await
-        {
+            .await;
+        let running = started_at.elapsed();
+        tracing::debug!(
+            fetch_ms = fetched.as_millis() as u64,
+            build_ms = (built - fetched).as_millis() as u64,
+            stop_old_ms = (stopped - built).as_millis() as u64,
+            start_ms = (running - stopped).as_millis() as u64,
+            "container started; checking it stays up"
+        );
+        let started = match created {
             Ok(new) => self
                 .engine
                 .stays_running(&new, self.health_wait)

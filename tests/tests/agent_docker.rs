@@ -161,13 +161,10 @@ fn node_everything(node: &str) -> (Vec<String>, Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_builds_a_container_holding_exactly_the_signed_authorized_keys() {
     let f = fixture().await;
-    let created: AccessKeyResponse =
-        f.op.post_json(
-            "/v1/containers",
-            &request(&f.node, "web", free_port(), &[], vec![]),
-        )
-        .await
-        .unwrap();
+    let mut token = secret_file("/home/app/token", "app-token");
+    (token.mode, token.uid, token.gid) = (Some(0o440), Some(1000), Some(1001));
+    let req = request(&f.node, "web", free_port(), &[], vec![token]);
+    let created: AccessKeyResponse = f.op.post_json("/v1/containers", &req).await.unwrap();
     let view = wait_applied(&f.op, &created.container.id, 1).await;
     assert_eq!(view.status, "applied");
 
@@ -186,6 +183,22 @@ async fn a_manifest_builds_a_container_holding_exactly_the_signed_authorized_key
     assert_eq!((mode, uid, gid), (0o400, 0, 0));
     let (_, mode, uid, gid) = docker::read_file(&containers[0], "/etc/ssh/ssh_host_ed25519_key");
     assert_eq!((mode, uid, gid), (0o400, 0, 0));
+    let (content, mode, uid, gid) = docker::read_file(&containers[0], "/home/app/token");
+    assert_eq!(
+        (content.as_slice(), mode, uid, gid),
+        (&b"app-token"[..], 0o440, 1000, 1001)
+    );
+    // Existing directories of the base image keep their own modes.
+    let stat = docker::docker(&[
+        "exec",
+        &containers[0],
+        "/usr/bin/stat",
+        "-c",
+        "%a",
+        "/root",
+        "/tmp",
+    ]);
+    assert_eq!(stat.split_whitespace().collect::<Vec<_>>(), ["700", "1777"]);
 
     // The container runs from an image built FROM the signed base image id.
     let image_id = docker::docker(&["inspect", "--format", "{{.Image}}", &containers[0]])
