@@ -112,15 +112,14 @@ async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None => identity::default_enroll_url(&args.server)?,
     };
-    let info = identity::enroll(
-        &state,
-        &args.server,
-        &enroll_url,
-        &node,
-        &args.ca_fingerprint,
-        token,
-    )
-    .await?;
+    let fingerprint = match (&args.ca_fingerprint, &args.ca_fingerprint_file) {
+        (Some(fingerprint), _) => fingerprint.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?,
+        (None, None) => anyhow::bail!("give --ca-fingerprint or --ca-fingerprint-file"),
+    };
+    let info =
+        identity::enroll(&state, &args.server, &enroll_url, &node, &fingerprint, token).await?;
     println!(
         "enrolled node {} in trust domain {}; state in {}",
         info.node,

@@ -92,33 +92,49 @@ pub(super) async fn node(
     cmd: NodeCommand,
 ) -> Result<ExitCode, CliError> {
     match cmd {
-        NodeCommand::Token(TokenCommand::Create { node, ttl }) => {
-            let token: TokenResponse = client
-                .post_json(
-                    "/v1/nodes/tokens",
-                    &CreateTokenRequest {
-                        node,
-                        ttl_seconds: ttl,
-                    },
-                )
-                .await?;
+        NodeCommand::Token(TokenCommand::Create { node, ttl, token_out, fingerprint_out }) => {
+            let token: TokenResponse =
+                client.post_json("/v1/nodes/tokens", &CreateTokenRequest { node, ttl_seconds: ttl }).await?;
+            let write = |path: &Path, bytes: &[u8], secret: bool| {
+                let written = if secret { files::write_secret(path, bytes) } else { files::write_public(path, bytes) };
+                written.map_err(|e| CliError::new(ExitCode::Failure, e.to_string()))
+            };
+            if let Some(path) = &fingerprint_out {
+                write(path, format!("{}\n", token.ca_fingerprint).as_bytes(), false)?;
+            }
+            let shown_token = match &token_out {
+                Some(path) => {
+                    write(path, format!("{}\n", token.token.expose()).as_bytes(), true)?;
+                    format!("--token-file {}", path.display())
+                }
+                None => format!("--token {}", token.token.expose()),
+            };
             if out.json {
-                out.json(&token)?;
+                if token_out.is_some() {
+                    let mut value = serde_json::to_value(&token).map_err(|e| CliError::new(ExitCode::Failure, e.to_string()))?;
+                    value["token"] = serde_json::Value::Null;
+                    out.json(&value)?;
+                } else {
+                    out.json(&token)?;
+                }
             } else {
-                println!(
-                    "join token for node {} (single use, expires at {}):",
-                    token.node, token.expires_at
-                );
-                println!("  {}", token.token.expose());
+                match &token_out {
+                    Some(path) => println!(
+                        "join token for node {} written to {} (single use, expires at {})",
+                        token.node,
+                        path.display(),
+                        token.expires_at
+                    ),
+                    None => {
+                        println!("join token for node {} (single use, expires at {}):", token.node, token.expires_at);
+                        println!("  {}", token.token.expose());
+                    }
+                }
                 println!("CA fingerprint: {}", token.ca_fingerprint);
                 println!("on the node, run:");
                 println!(
-                    "  keyward-agent enroll --server {} --enroll-url {} --node {} --ca-fingerprint {} --token {}",
-                    token.server_url,
-                    token.enroll_url,
-                    token.node,
-                    token.ca_fingerprint,
-                    token.token.expose()
+                    "  keyward-agent enroll --server {} --enroll-url {} --node {} --ca-fingerprint {} {shown_token}",
+                    token.server_url, token.enroll_url, token.node, token.ca_fingerprint
                 );
             }
         }

@@ -129,6 +129,14 @@ enum TokenCommand {
         /// Lifetime in seconds (the server's default and maximum apply).
         #[arg(long)]
         ttl: Option<u64>,
+        /// Write the token to this file (mode 0600) instead of printing it, for automated
+        /// enrollment (`keyward-agent enroll --token-file`).
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+        /// Also write the CA fingerprint to this file (`keyward-agent enroll
+        /// --ca-fingerprint-file`).
+        #[arg(long)]
+        fingerprint_out: Option<PathBuf>,
     },
 }
 
