@@ -114,7 +114,11 @@ pub struct EnrollArgs {
     #[arg(long, env = "KEYWARD_NODE")]
     pub node: String,
     /// SHA-256 fingerprint of the fleet CA, printed with the token.
-    #[arg(long, env = "KEYWARD_CA_FINGERPRINT", required_unless_present = "ca_fingerprint_file")]
+    #[arg(
+        long,
+        env = "KEYWARD_CA_FINGERPRINT",
+        required_unless_present = "ca_fingerprint_file"
+    )]
     pub ca_fingerprint: Option<String>,
     /// File holding the CA fingerprint (`keyward node token create --fingerprint-out`).
     #[arg(long, conflicts_with = "ca_fingerprint")]

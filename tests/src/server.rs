@@ -68,6 +68,28 @@ impl TestServer {
         server
     }
 
+    /// Starts a second server process on the same database with a copy of this one's data
+    /// directory (the same keys): a replica, for PostgreSQL.
+    pub fn replica(&self) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.data())
+            .arg(dir.path().join("data"))
+            .status()
+            .expect("copying the data directory");
+        assert!(status.success());
+        let mut replica = Self {
+            child: None,
+            dir,
+            api_url: String::new(),
+            enroll_url: String::new(),
+            options: self.options.clone(),
+        };
+        replica.spawn(None);
+        replica
+    }
+
     /// The data directory.
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")

@@ -18,8 +18,15 @@ fn repo() -> PathBuf {
 
 /// `docker compose` where available, else `docker-compose` (Compose v1).
 fn compose_command() -> Vec<String> {
-    let v2 = Command::new("docker").args(["compose", "version"]).output().is_ok_and(|o| o.status.success());
-    if v2 { vec!["docker".into(), "compose".into()] } else { vec!["docker-compose".into()] }
+    let v2 = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if v2 {
+        vec!["docker".into(), "compose".into()]
+    } else {
+        vec!["docker-compose".into()]
+    }
 }
 
 /// A compose project; `down -v --rmi all` on drop, also when the test fails.
@@ -32,7 +39,10 @@ impl Project {
     fn run(&self, args: &[&str]) -> std::process::Output {
         let command = compose_command();
         let mut cmd = Command::new(&command[0]);
-        cmd.args(&command[1..]).args(["-p", &self.name]).args(args).current_dir(repo());
+        cmd.args(&command[1..])
+            .args(["-p", &self.name])
+            .args(args)
+            .current_dir(repo());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -49,7 +59,10 @@ impl Drop for Project {
     fn drop(&mut self) {
         let out = self.run(&["down", "-v", "--rmi", "all", "--remove-orphans"]);
         if !out.status.success() {
-            eprintln!("compose down failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "compose down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }
@@ -63,17 +76,32 @@ async fn create(op: &ApiClient, node: &str) -> AccessKeyResponse {
         groups: vec![],
         command: vec![],
         env: vec![],
-        ports: vec![PortMapping { container_port: 22, protocol: Protocol::Tcp, host_ip: [127, 0, 0, 1].into(), host_port: free_port() }],
+        ports: vec![PortMapping {
+            container_port: 22,
+            protocol: Protocol::Tcp,
+            host_ip: [127, 0, 0, 1].into(),
+            host_port: free_port(),
+        }],
         files: vec![],
     };
-    op.post_json("/v1/containers", &request).await.expect("container create")
+    op.post_json("/v1/containers", &request)
+        .await
+        .expect("container create")
 }
 
-async fn wait_state(op: &ApiClient, id: &str, done: impl Fn(&ContainerView) -> bool) -> ContainerView {
-    wait::until(&format!("container {id}"), Duration::from_secs(180), || async {
-        let view: ContainerView = op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
-        done(&view).then_some(view)
-    })
+async fn wait_state(
+    op: &ApiClient,
+    id: &str,
+    done: impl Fn(&ContainerView) -> bool,
+) -> ContainerView {
+    wait::until(
+        &format!("container {id}"),
+        Duration::from_secs(180),
+        || async {
+            let view: ContainerView = op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
+            done(&view).then_some(view)
+        },
+    )
     .await
 }
 
@@ -85,7 +113,11 @@ async fn the_compose_fleet_provisions_one_container_per_node_and_each_agent_touc
         .arg(bins::dir())
         .output()
         .expect("running scripts/compose-prepare");
-    assert!(out.status.success(), "compose-prepare: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "compose-prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let id = unique("kw");
     let (node_a, node_b) = (format!("{id}-a"), format!("{id}-b"));
@@ -101,27 +133,48 @@ async fn the_compose_fleet_provisions_one_container_per_node_and_each_agent_touc
         ],
     };
     let up = project.run(&["up", "-d", "--build"]);
-    assert!(up.status.success(), "compose up: {}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "compose up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
 
     // The operator identity lives in the server's volume; copy it out.
     let identity = tempfile::tempdir().unwrap();
     let server = project.container_of("server");
-    let op = wait::until("the server's operator identity", Duration::from_secs(60), || {
-        let (server, dir) = (server.clone(), identity.path().to_path_buf());
-        async move {
-            let (ok, _) = docker::docker_try(&["cp", &format!("{server}:/data/operator/."), dir.to_str()?]);
-            if !ok {
-                return None;
+    let op = wait::until(
+        "the server's operator identity",
+        Duration::from_secs(60),
+        || {
+            let (server, dir) = (server.clone(), identity.path().to_path_buf());
+            async move {
+                let (ok, _) = docker::docker_try(&[
+                    "cp",
+                    &format!("{server}:/data/operator/."),
+                    dir.to_str()?,
+                ]);
+                if !ok {
+                    return None;
+                }
+                keyward_server::cli::connect(
+                    &format!("https://127.0.0.1:{port}"),
+                    &dir,
+                    Duration::from_secs(10),
+                )
+                .ok()
             }
-            keyward_server::cli::connect(&format!("https://127.0.0.1:{port}"), &dir, Duration::from_secs(10)).ok()
-        }
-    })
+        },
+    )
     .await;
     for node in [&node_a, &node_b] {
-        wait::until(&format!("{node} to enroll and report its images"), Duration::from_secs(120), || async {
-            let view: NodeView = op.get_json(&format!("/v1/nodes/{node}")).await.ok()?;
-            (view.state == "active" && !view.inventory.is_empty()).then_some(())
-        })
+        wait::until(
+            &format!("{node} to enroll and report its images"),
+            Duration::from_secs(120),
+            || async {
+                let view: NodeView = op.get_json(&format!("/v1/nodes/{node}")).await.ok()?;
+                (view.state == "active" && !view.inventory.is_empty()).then_some(())
+            },
+        )
         .await;
     }
 
@@ -139,17 +192,33 @@ async fn the_compose_fleet_provisions_one_container_per_node_and_each_agent_touc
     let b_before = of_node(&node_b);
 
     // Destroying node a's container leaves node b's alone.
-    let _: ContainerView = op.post_json(&format!("/v1/containers/{on_a}/destroy"), &serde_json::json!({})).await.unwrap();
+    let _: ContainerView = op
+        .post_json(
+            &format!("/v1/containers/{on_a}/destroy"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
     wait_state(&op, &on_a, |v| v.state == "destroyed").await;
     assert!(of_node(&node_a).is_empty());
     assert!(images_with(&[format!("io.keyward.node={node_a}")]).is_empty());
     assert_eq!(of_node(&node_b), b_before);
-    let _: ContainerView = op.post_json(&format!("/v1/containers/{on_b}/destroy"), &serde_json::json!({})).await.unwrap();
+    let _: ContainerView = op
+        .post_json(
+            &format!("/v1/containers/{on_b}/destroy"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
     wait_state(&op, &on_b, |v| v.state == "destroyed").await;
 
     // Tear down: nothing of the project is left.
     let down = project.run(&["down", "-v", "--rmi", "all", "--remove-orphans"]);
-    assert!(down.status.success(), "compose down: {}", String::from_utf8_lossy(&down.stderr));
+    assert!(
+        down.status.success(),
+        "compose down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
     let label = format!("com.docker.compose.project={}", project.name);
     assert!(containers_with(std::slice::from_ref(&label)).is_empty());
     let volumes = docker::docker(&["volume", "ls", "-q", "--filter", &format!("label={label}")]);

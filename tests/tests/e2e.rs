@@ -8,8 +8,9 @@ use keyward_common::client::ApiClient;
 use keyward_common::manifest::{PortMapping, Protocol};
 use keyward_common::secret::SecretString;
 use keyward_server::api::{
-    AccessKeyResponse, AddMemberRequest, ChangeOutcome, ContainerView, CreateContainerRequest, CreateGroupRequest,
-    CreateUserRequest, FileSpec, KeyView, NodeView, RolloutOverrides, RolloutView,
+    AccessKeyResponse, AddMemberRequest, ChangeOutcome, ContainerView, CreateContainerRequest,
+    CreateGroupRequest, CreateUserRequest, FileSpec, KeyView, NodeView, RolloutOverrides,
+    RolloutView,
 };
 use keyward_tests::agent::TestAgent;
 use keyward_tests::docker::{self, Cleanup, base_image_id};
@@ -27,7 +28,14 @@ async fn wait_inventory(op: &ApiClient, node: &str) {
     .await;
 }
 
-async fn create(op: &ApiClient, node: &str, name: &str, port: u16, groups: &[&str], canary: Option<&str>) -> AccessKeyResponse {
+async fn create(
+    op: &ApiClient,
+    node: &str,
+    name: &str,
+    port: u16,
+    groups: &[&str],
+    canary: Option<&str>,
+) -> AccessKeyResponse {
     let files = canary
         .map(|c| FileSpec {
             path: "/etc/keyward/canary".into(),
@@ -46,17 +54,28 @@ async fn create(op: &ApiClient, node: &str, name: &str, port: u16, groups: &[&st
         groups: groups.iter().map(|g| g.to_string()).collect(),
         command: vec![],
         env: vec![],
-        ports: vec![PortMapping { container_port: 22, protocol: Protocol::Tcp, host_ip: [127, 0, 0, 1].into(), host_port: port }],
+        ports: vec![PortMapping {
+            container_port: 22,
+            protocol: Protocol::Tcp,
+            host_ip: [127, 0, 0, 1].into(),
+            host_port: port,
+        }],
         files,
     };
-    op.post_json("/v1/containers", &request).await.expect("container create")
+    op.post_json("/v1/containers", &request)
+        .await
+        .expect("container create")
 }
 
 async fn wait_generation(op: &ApiClient, id: &str, generation: u64) -> ContainerView {
-    wait::until(&format!("{id} at generation {generation}"), TIMEOUT, || async {
-        let view: ContainerView = op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
-        (view.applied_generation >= generation).then_some(view)
-    })
+    wait::until(
+        &format!("{id} at generation {generation}"),
+        TIMEOUT,
+        || async {
+            let view: ContainerView = op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
+            (view.applied_generation >= generation).then_some(view)
+        },
+    )
     .await
 }
 
@@ -82,11 +101,19 @@ async fn users_log_in_over_ssh_until_they_are_removed_and_the_rollout_confirms_i
     // alice is a registered user in group ops; mallory's key is registered nowhere.
     let (alice_key, alice_public) = ssh::user_key(keys.path(), "alice");
     let (mallory_key, _) = ssh::user_key(keys.path(), "mallory");
-    let _: serde_json::Value = op.post_json("/v1/groups", &CreateGroupRequest { name: "ops".into() }).await.unwrap();
+    let _: serde_json::Value = op
+        .post_json("/v1/groups", &CreateGroupRequest { name: "ops".into() })
+        .await
+        .unwrap();
     let _: ChangeOutcome = op
         .post_json(
             "/v1/users",
-            &CreateUserRequest { name: "alice".into(), keys: vec![alice_public], groups: vec!["ops".into()], rollout: RolloutOverrides::default() },
+            &CreateUserRequest {
+                name: "alice".into(),
+                keys: vec![alice_public],
+                groups: vec!["ops".into()],
+                rollout: RolloutOverrides::default(),
+            },
         )
         .await
         .unwrap();
@@ -110,30 +137,67 @@ async fn users_log_in_over_ssh_until_they_are_removed_and_the_rollout_confirms_i
     // An unregistered key is refused.
     let as_mallory = login(p1, &mallory_key, &known_one, "true");
     assert!(!as_mallory.ok);
-    assert!(as_mallory.stderr.contains("Permission denied"), "{}", as_mallory.stderr);
+    assert!(
+        as_mallory.stderr.contains("Permission denied"),
+        "{}",
+        as_mallory.stderr
+    );
     // Another container's known_hosts line does not match this container's host key.
-    let wrong_host = login(p1, &access, &two.container.known_hosts.replace(&format!(":{p2}]"), &format!(":{p1}]")), "true");
+    let wrong_host = login(
+        p1,
+        &access,
+        &two.container
+            .known_hosts
+            .replace(&format!(":{p2}]"), &format!(":{p1}]")),
+        "true",
+    );
     assert!(!wrong_host.ok);
-    assert!(wrong_host.stderr.contains("Host key verification failed") || wrong_host.stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{}", wrong_host.stderr);
+    assert!(
+        wrong_host.stderr.contains("Host key verification failed")
+            || wrong_host
+                .stderr
+                .contains("REMOTE HOST IDENTIFICATION HAS CHANGED"),
+        "{}",
+        wrong_host.stderr
+    );
 
     // Removing alice rolls out new generations; afterwards her key is refused everywhere.
     let alice_key_id = {
         let keys: Vec<KeyView> = op.get_json("/v1/keys?state=active").await.unwrap();
-        keys.iter().find(|k| k.user.as_deref() == Some("alice")).unwrap().id.clone()
+        keys.iter()
+            .find(|k| k.user.as_deref() == Some("alice"))
+            .unwrap()
+            .id
+            .clone()
     };
     let removed: ChangeOutcome = op.delete_json("/v1/users/alice").await.unwrap();
     assert_eq!(removed.containers, 2);
     let rollout = wait_rollout(&op, &removed.rollout.unwrap()).await;
     assert_eq!((rollout.total, rollout.applied), (2, 2));
     for (c, port) in [(&one, p1), (&two, p2)] {
-        let view: ContainerView = op.get_json(&format!("/v1/containers/{}", c.container.id)).await.unwrap();
+        let view: ContainerView = op
+            .get_json(&format!("/v1/containers/{}", c.container.id))
+            .await
+            .unwrap();
         assert_eq!(view.applied_generation, 2, "generation went up");
-        assert!(!login(port, &alice_key, &c.container.known_hosts, "true").ok, "alice still logs in");
+        assert!(
+            !login(port, &alice_key, &c.container.known_hosts, "true").ok,
+            "alice still logs in"
+        );
     }
-    assert!(login(p1, &access, &known_one, "true").ok, "the container's own key still works");
-    let key: KeyView = op.get_json(&format!("/v1/keys/{alice_key_id}")).await.unwrap();
+    assert!(
+        login(p1, &access, &known_one, "true").ok,
+        "the container's own key still works"
+    );
+    let key: KeyView = op
+        .get_json(&format!("/v1/keys/{alice_key_id}"))
+        .await
+        .unwrap();
     let progress = key.revocation.unwrap();
-    assert_eq!((progress.holders, progress.confirmed, progress.complete), (2, 2, true));
+    assert_eq!(
+        (progress.holders, progress.confirmed, progress.complete),
+        (2, 2, true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,25 +224,58 @@ async fn rotation_swaps_the_access_key_and_destroy_leaves_nothing_behind() {
 
     // Rotation through the CLI: the new key is written 0600 and works; the old one is refused.
     let new_key = keys.path().join("new");
-    let out = server.cli(&["container", "rotate", &id, "--key-out", new_key.to_str().unwrap(), "--wait", "120"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!login(port, &old_key, &known, "true").ok, "the old access key still logs in");
+    let out = server.cli(&[
+        "container",
+        "rotate",
+        &id,
+        "--key-out",
+        new_key.to_str().unwrap(),
+        "--wait",
+        "120",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !login(port, &old_key, &known, "true").ok,
+        "the old access key still logs in"
+    );
     let with_new = login(port, &new_key, &known, "true");
     assert!(with_new.ok, "{}", with_new.stderr);
 
     // Destroy through the CLI, waiting for the wipe.
     let out = server.cli(&["container", "destroy", &id, "--wait", "120"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let selector = [format!("io.keyward.container={id}")];
     assert!(docker::containers_with(&selector).is_empty());
     assert!(docker::images_with(&selector).is_empty());
-    assert!(dir_contains(&docker::data_root(), canary.as_bytes()).is_empty(), "canary under the Docker data root");
+    assert!(
+        dir_contains(&docker::data_root(), canary.as_bytes()).is_empty(),
+        "canary under the Docker data root"
+    );
     let keys_now: Vec<KeyView> = op.get_json("/v1/keys").await.unwrap();
-    let own: Vec<&KeyView> = keys_now.iter().filter(|k| k.container.as_deref() == Some(id.as_str())).collect();
+    let own: Vec<&KeyView> = keys_now
+        .iter()
+        .filter(|k| k.container.as_deref() == Some(id.as_str()))
+        .collect();
     assert_eq!(own.len(), 3);
-    assert!(own.iter().all(|k| k.state == "revoked" && k.revocation.is_some_and(|r| r.complete)), "{own:?}");
+    assert!(
+        own.iter()
+            .all(|k| k.state == "revoked" && k.revocation.is_some_and(|r| r.complete)),
+        "{own:?}"
+    );
     let out = server.cli(&["audit", "verify"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!agent.log().contains(&canary));
 }
 
@@ -196,18 +293,36 @@ async fn a_group_change_rolls_out_across_two_nodes_in_bounded_batches() {
     let keys = tempfile::tempdir().unwrap();
     let (_, bob_public) = ssh::user_key(keys.path(), "bob");
 
-    let _: serde_json::Value = op.post_json("/v1/groups", &CreateGroupRequest { name: "fleet".into() }).await.unwrap();
+    let _: serde_json::Value = op
+        .post_json(
+            "/v1/groups",
+            &CreateGroupRequest {
+                name: "fleet".into(),
+            },
+        )
+        .await
+        .unwrap();
     let _: ChangeOutcome = op
         .post_json(
             "/v1/users",
-            &CreateUserRequest { name: "bob".into(), keys: vec![bob_public], groups: vec![], rollout: RolloutOverrides::default() },
+            &CreateUserRequest {
+                name: "bob".into(),
+                keys: vec![bob_public],
+                groups: vec![],
+                rollout: RolloutOverrides::default(),
+            },
         )
         .await
         .unwrap();
     let mut ids = Vec::new();
     for node in [&na, &nb] {
         for i in 0..3 {
-            ids.push(create(&op, node, &format!("c{i}"), free_port(), &["fleet"], None).await.container.id);
+            ids.push(
+                create(&op, node, &format!("c{i}"), free_port(), &["fleet"], None)
+                    .await
+                    .container
+                    .id,
+            );
         }
     }
     for id in &ids {
@@ -215,9 +330,21 @@ async fn a_group_change_rolls_out_across_two_nodes_in_bounded_batches() {
     }
 
     // Adding bob to the group changes all six containers, two at a time.
-    let overrides = RolloutOverrides { batch_size: Some(2), max_in_flight: Some(2), failure_threshold: Some(1) };
-    let change: ChangeOutcome =
-        op.post_json("/v1/groups/fleet/members", &AddMemberRequest { user: "bob".into(), rollout: overrides }).await.unwrap();
+    let overrides = RolloutOverrides {
+        batch_size: Some(2),
+        max_in_flight: Some(2),
+        failure_threshold: Some(1),
+    };
+    let change: ChangeOutcome = op
+        .post_json(
+            "/v1/groups/fleet/members",
+            &AddMemberRequest {
+                user: "bob".into(),
+                rollout: overrides,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(change.containers, 6);
     let rollout = change.rollout.unwrap();
 
@@ -237,13 +364,19 @@ async fn a_group_change_rolls_out_across_two_nodes_in_bounded_batches() {
     let mut most_in_flight = 0;
     let deadline = std::time::Instant::now() + TIMEOUT;
     let view = loop {
-        let view: RolloutView = op.get_json(&format!("/v1/rollouts/{rollout}")).await.unwrap();
+        let view: RolloutView = op
+            .get_json(&format!("/v1/rollouts/{rollout}"))
+            .await
+            .unwrap();
         most_in_flight = most_in_flight.max(view.in_flight);
         assert_ne!(view.state, "paused", "{view:?}");
         if view.state == "completed" {
             break view;
         }
-        assert!(std::time::Instant::now() < deadline, "rollout did not complete: {view:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rollout did not complete: {view:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(most_in_flight <= 2, "{most_in_flight} in flight");
@@ -255,7 +388,14 @@ async fn a_group_change_rolls_out_across_two_nodes_in_bounded_batches() {
     }
     let out = watcher.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last = text.lines().last().unwrap_or_default();
-    assert!(last.contains("100%") && last.contains("completed"), "{text}");
+    assert!(
+        last.contains("100%") && last.contains("completed"),
+        "{text}"
+    );
 }

@@ -1091,6 +1091,30 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing(s: &TestServer) {
     assert_eq!(still.generation, 1);
 }
 
+/// Two server processes on one PostgreSQL database: a watch held by one wakes, through
+/// LISTEN/NOTIFY, for a change made through the other.
+async fn replicas_wake_each_others_watchers(s: &TestServer) {
+    let replica = s.replica();
+    let op_primary = s.operator();
+    let node = FakeNode::enroll(&op_primary, &replica.api_url, "rep").await;
+    node.report_image("keyward/sshd:latest").await;
+    let since = node.watch(0, 0).await.unwrap().revision;
+    let watch = tokio::spawn(async move {
+        let answer = node.watch(since, 20).await.unwrap();
+        (Instant::now(), answer.manifests.len())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    create_container(&op_primary, "rep", "web", &[]).await;
+    let committed = Instant::now();
+    let (woke, count) = watch.await.unwrap();
+    assert_eq!(count, 1);
+    let latency = woke.saturating_duration_since(committed);
+    assert!(
+        latency <= Duration::from_secs(1),
+        "the replica's watcher woke {latency:?} after the change"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // SQLite: one test per scenario.
 
@@ -1169,6 +1193,8 @@ async fn every_scenario_passes_on_postgresql() {
     audit_verify_detects_edits_and_deletions(&s, &url).await;
     let (s, _) = server("badinput");
     bad_input_gets_a_clear_error_and_changes_nothing(&s).await;
+    let (s, _) = server("replicas");
+    replicas_wake_each_others_watchers(&s).await;
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

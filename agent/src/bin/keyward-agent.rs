@@ -114,12 +114,20 @@ async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
     };
     let fingerprint = match (&args.ca_fingerprint, &args.ca_fingerprint_file) {
         (Some(fingerprint), _) => fingerprint.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?,
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
         (None, None) => anyhow::bail!("give --ca-fingerprint or --ca-fingerprint-file"),
     };
-    let info =
-        identity::enroll(&state, &args.server, &enroll_url, &node, &fingerprint, token).await?;
+    let info = identity::enroll(
+        &state,
+        &args.server,
+        &enroll_url,
+        &node,
+        &fingerprint,
+        token,
+    )
+    .await?;
     println!(
         "enrolled node {} in trust domain {}; state in {}",
         info.node,

@@ -92,15 +92,35 @@ pub(super) async fn node(
     cmd: NodeCommand,
 ) -> Result<ExitCode, CliError> {
     match cmd {
-        NodeCommand::Token(TokenCommand::Create { node, ttl, token_out, fingerprint_out }) => {
-            let token: TokenResponse =
-                client.post_json("/v1/nodes/tokens", &CreateTokenRequest { node, ttl_seconds: ttl }).await?;
+        NodeCommand::Token(TokenCommand::Create {
+            node,
+            ttl,
+            token_out,
+            fingerprint_out,
+        }) => {
+            let token: TokenResponse = client
+                .post_json(
+                    "/v1/nodes/tokens",
+                    &CreateTokenRequest {
+                        node,
+                        ttl_seconds: ttl,
+                    },
+                )
+                .await?;
             let write = |path: &Path, bytes: &[u8], secret: bool| {
-                let written = if secret { files::write_secret(path, bytes) } else { files::write_public(path, bytes) };
+                let written = if secret {
+                    files::write_secret(path, bytes)
+                } else {
+                    files::write_public(path, bytes)
+                };
                 written.map_err(|e| CliError::new(ExitCode::Failure, e.to_string()))
             };
             if let Some(path) = &fingerprint_out {
-                write(path, format!("{}\n", token.ca_fingerprint).as_bytes(), false)?;
+                write(
+                    path,
+                    format!("{}\n", token.ca_fingerprint).as_bytes(),
+                    false,
+                )?;
             }
             let shown_token = match &token_out {
                 Some(path) => {
@@ -111,7 +131,8 @@ pub(super) async fn node(
             };
             if out.json {
                 if token_out.is_some() {
-                    let mut value = serde_json::to_value(&token).map_err(|e| CliError::new(ExitCode::Failure, e.to_string()))?;
+                    let mut value = serde_json::to_value(&token)
+                        .map_err(|e| CliError::new(ExitCode::Failure, e.to_string()))?;
                     value["token"] = serde_json::Value::Null;
                     out.json(&value)?;
                 } else {
@@ -126,7 +147,10 @@ pub(super) async fn node(
                         token.expires_at
                     ),
                     None => {
-                        println!("join token for node {} (single use, expires at {}):", token.node, token.expires_at);
+                        println!(
+                            "join token for node {} (single use, expires at {}):",
+                            token.node, token.expires_at
+                        );
                         println!("  {}", token.token.expose());
                     }
                 }
@@ -800,11 +824,7 @@ pub(super) async fn key(
 
 fn progress_line(r: &RolloutView) -> String {
     let done = r.applied + r.skipped + r.failed;
-    let percent = if r.total == 0 {
-        100
-    } else {
-        done * 100 / r.total
-    };
+    let percent = (done * 100).checked_div(r.total).unwrap_or(100);
     let filled = (percent / 5) as usize;
     format!(
         "[{}{}] {percent:>3}%  {done}/{} done ({} applied, {} skipped, {} failed), {} in flight, {} pending, {} batches (largest {})  {}",

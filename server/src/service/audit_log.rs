@@ -4,6 +4,9 @@ use super::{Service, ServiceResult};
 use crate::api::{AuditEntry, AuditPage};
 use crate::store::{to_i64, to_u64};
 
+/// An audit row as stored: seq, at, actor, action, subject, details, prev_hash, hash.
+type AuditRow = (i64, i64, String, String, String, String, String, String);
+
 /// Most entries one page returns.
 pub const MAX_PAGE: u64 = 10_000;
 
@@ -15,7 +18,7 @@ impl Service {
             sqlx::query_as("SELECT audit_head_seq, audit_head_hash FROM meta WHERE id = 1")
                 .fetch_one(&mut *tx)
                 .await?;
-        let rows: Vec<(i64, i64, String, String, String, String, String, String)> = sqlx::query_as(
+        let rows: Vec<AuditRow> = sqlx::query_as(
             "SELECT seq, at, actor, action, subject, details, prev_hash, hash FROM audit \
              WHERE seq > $1 ORDER BY seq LIMIT $2",
         )

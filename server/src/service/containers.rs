@@ -10,7 +10,9 @@ use keyward_common::manifest::{Action, Protocol, RunSettings};
 use keyward_common::paths::{FileMode, PathRules};
 use sqlx::Row as _;
 
-use super::issue::{AUTHORIZED_KEYS_PATH, ContainerRecord, Grants, HOST_KEY_PATH, IfUnchanged};
+use super::issue::{
+    AUTHORIZED_KEYS_PATH, ContainerRecord, Grants, HOST_KEY_PATH, IfUnchanged, IssueBatch,
+};
 use super::{Service, ServiceError, ServiceResult, new_id, now};
 use crate::api::{AccessKeyResponse, ContainerView, CreateContainerRequest};
 use crate::audit::{self, NewEntry};
@@ -192,12 +194,14 @@ impl Service {
         let grants = Grants::load(&mut tx).await?;
         self.issue(
             &mut tx,
-            revision,
+            &IssueBatch {
+                revision,
+                grants: &grants,
+                actor,
+            },
             &record,
             Action::Run,
-            &grants,
             IfUnchanged::Issue,
-            actor,
         )
         .await?;
         let details = serde_json::json!({
@@ -279,12 +283,14 @@ impl Service {
         let grants = Grants::load(&mut tx).await?;
         self.issue(
             &mut tx,
-            revision,
+            &IssueBatch {
+                revision,
+                grants: &grants,
+                actor,
+            },
             &record,
             Action::Run,
-            &grants,
             IfUnchanged::Issue,
-            actor,
         )
         .await?;
         let details = serde_json::json!({
@@ -305,7 +311,7 @@ impl Service {
         .await?;
         let view = self.container_view(&mut tx, id).await?;
         self.store
-            .notify_nodes(&mut tx, &[record.node_id.clone()], revision)
+            .notify_nodes(&mut tx, std::slice::from_ref(&record.node_id), revision)
             .await?;
         tx.commit().await?;
         self.announce(&[record.node_id], revision);
@@ -336,12 +342,14 @@ impl Service {
         let grants = Grants::default();
         self.issue(
             &mut tx,
-            revision,
+            &IssueBatch {
+                revision,
+                grants: &grants,
+                actor,
+            },
             &record,
             Action::Destroy,
-            &grants,
             IfUnchanged::Issue,
-            actor,
         )
         .await?;
         let details = serde_json::json!({ "node": record.node_id });
@@ -358,7 +366,7 @@ impl Service {
         .await?;
         let view = self.container_view(&mut tx, id).await?;
         self.store
-            .notify_nodes(&mut tx, &[record.node_id.clone()], revision)
+            .notify_nodes(&mut tx, std::slice::from_ref(&record.node_id), revision)
             .await?;
         tx.commit().await?;
         self.announce(&[record.node_id], revision);

@@ -123,6 +123,17 @@ pub(crate) enum Issued {
     Unchanged,
 }
 
+/// What every generation issued in one transaction shares.
+#[derive(Debug)]
+pub(crate) struct IssueBatch<'a> {
+    /// The transaction's revision.
+    pub revision: u64,
+    /// User keys by group, loaded once for the transaction.
+    pub grants: &'a Grants,
+    /// Who the audit log names.
+    pub actor: &'a str,
+}
+
 /// Whether to issue even when nothing changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum IfUnchanged {
@@ -222,17 +233,20 @@ impl Service {
         })
     }
 
-    /// Signs and stores the next generation of container `c` inside `tx` at `revision`.
+    /// Signs and stores the next generation of container `c` inside `tx`.
     pub(crate) async fn issue(
         &self,
         tx: &mut Tx,
-        revision: u64,
+        batch: &IssueBatch<'_>,
         c: &ContainerRecord,
         action: Action,
-        grants: &Grants,
         if_unchanged: IfUnchanged,
-        actor: &str,
     ) -> ServiceResult<Issued> {
+        let IssueBatch {
+            revision,
+            grants,
+            actor,
+        } = *batch;
         let now = super::now();
         let derived = match action {
             Action::Run => self.derive(tx, c, grants).await?,

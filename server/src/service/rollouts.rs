@@ -17,7 +17,7 @@ use std::time::Duration;
 use keyward_common::manifest::Action;
 use sqlx::Row as _;
 
-use super::issue::{ContainerRecord, Grants, IfUnchanged, Issued};
+use super::issue::{ContainerRecord, Grants, IfUnchanged, IssueBatch, Issued};
 use super::{Service, ServiceError, ServiceResult, new_id, now};
 use crate::api::{RolloutOverrides, RolloutPolicy, RolloutView};
 use crate::audit::{self, NewEntry};
@@ -178,12 +178,14 @@ impl Service {
                     Some(c) if c.state == "active" => {
                         self.issue(
                             &mut tx,
-                            revision,
+                            &IssueBatch {
+                                revision,
+                                grants: &grants,
+                                actor: "server",
+                            },
                             c,
                             Action::Run,
-                            &grants,
                             IfUnchanged::Skip,
-                            "server",
                         )
                         .await?
                     }
@@ -326,13 +328,17 @@ impl Service {
     }
 }
 
+/// A released item with its container's reported state: container, target generation,
+/// container state, applied generation, status, status generation, status reason.
+type ReleasedRow = (String, i64, String, i64, String, i64, Option<String>);
+
 /// Marks released items applied, failed or skipped from what their containers reported.
 pub(crate) async fn settle_released(
     tx: &mut Tx,
     rollout: &str,
     at: u64,
 ) -> Result<(), sqlx::Error> {
-    let rows: Vec<(String, i64, String, i64, String, i64, Option<String>)> = sqlx::query_as(
+    let rows: Vec<ReleasedRow> = sqlx::query_as(
         "SELECT ri.container_id, ri.target_generation, c.state, c.applied_generation, c.status, \
          c.status_generation, c.status_reason FROM rollout_items ri JOIN containers c ON c.id = ri.container_id \
          WHERE ri.rollout_id = $1 AND ri.state = 'released'",
