@@ -17,18 +17,20 @@ use keyward_common::client::{ApiClient, ClientError};
 use keyward_common::dsse::{Envelope, MANIFEST_PAYLOAD_TYPE};
 use keyward_common::ids::{ContainerId, Sha256Digest};
 use keyward_common::time::now_unix;
-use keyward_common::verify::{VerifiedManifest, VerifiedSnapshot, Verifier};
+use keyward_common::verify::{VerifiedManifest, VerifiedSnapshot, Verifier, VerifyError};
 use rand::Rng as _;
 use tokio::sync::watch;
 
 use crate::config::{ExpiryPolicy, RunArgs};
 use crate::docker::Engine;
 use crate::identity::{self, NodeIdentity};
-use crate::reconcile::Reconciler;
+use crate::reconcile::{Reconciler, Want};
 use crate::state::{Mark, Marks, StateDir};
 
 /// Deadline of ordinary requests (fetch, report, renew).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most reports kept for resending while the server is unreachable.
+const MAX_PENDING_REPORTS: usize = 500;
 /// Backoff bounds for retrying the server or the engine.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -158,6 +160,7 @@ impl Agent {
 
         // Manifests accepted before a restart are the desired state until the server says more.
         let mut desired = BTreeMap::new();
+        let mut resync = false;
         for (id, mark) in &marks.containers {
             let Some(envelope) = &mark.envelope else {
                 continue;
@@ -167,7 +170,8 @@ impl Agent {
                     desired.insert(id.clone(), verified);
                 }
                 Err(e) => {
-                    tracing::error!(container = %id, error = %e, "stored manifest does not verify; ignoring it")
+                    tracing::error!(container = %id, error = %e, "stored manifest does not verify; asking the server again");
+                    resync = true;
                 }
             }
         }
@@ -186,7 +190,7 @@ impl Agent {
             pending_reports: Vec::new(),
             inventory_sent: None,
             expiry_applied: false,
-            resync: false,
+            resync,
         }))
     }
 
@@ -246,6 +250,7 @@ impl Agent {
             Ok(renewed) => match renewed.client(REQUEST_TIMEOUT) {
                 Ok(client) => {
                     tracing::info!(not_after = renewed.validity.1, "node certificate renewed");
+                    self.verifier.trust_root = renewed.trust_root.clone();
                     self.identity = renewed;
                     self.client = client;
                 }
@@ -288,15 +293,31 @@ impl Agent {
         for raw in &answer.manifests {
             let bytes = raw.get().as_bytes();
             let head = peek(bytes, &self.verifier);
-            if let Some((id, _, _)) = &head {
+            if let Some((id, generation, digest)) = &head {
                 delivered.push(id.clone());
-            }
-            if let Some((id, generation, digest)) = &head
-                && let Some(mark) = self.marks.containers.get(id)
-                && mark.generation == *generation
-                && mark.digest == *digest
-            {
-                continue;
+                let accepted = self
+                    .marks
+                    .containers
+                    .get(id)
+                    .is_some_and(|m| m.generation == *generation && m.digest == *digest);
+                if accepted {
+                    if self.desired.get(id).is_some_and(|d| d.digest() == *digest) {
+                        continue;
+                    }
+                    // Accepted before, but its stored copy did not load at start: take it again
+                    // as that same accepted manifest (its digest is the recorded one).
+                    match self.verifier.accepted_manifest(bytes, *digest) {
+                        Ok(verified) => {
+                            if let Some(mark) = self.marks.containers.get_mut(id) {
+                                mark.envelope =
+                                    Some(String::from_utf8_lossy(verified.envelope()).into_owned());
+                            }
+                            self.desired.insert(id.clone(), verified);
+                        }
+                        Err(e) => self.refused(Some(id.clone()), Some(*generation), &e),
+                    }
+                    continue;
+                }
             }
             let mark = head
                 .as_ref()
@@ -318,16 +339,11 @@ impl Agent {
                     );
                     self.desired.insert(manifest.container_id.clone(), verified);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, container = ?head.as_ref().map(|h| h.0.to_string()), "manifest refused; nothing applied");
-                    self.pending_reports.push(ContainerReport {
-                        container_id: head.as_ref().map(|h| h.0.clone()),
-                        generation: head.as_ref().map(|h| h.1),
-                        outcome: Outcome::Refused {
-                            reason: e.to_string(),
-                        },
-                    });
-                }
+                Err(e) => self.refused(
+                    head.as_ref().map(|h| h.0.clone()),
+                    head.as_ref().map(|h| h.1),
+                    &e,
+                ),
             }
         }
 
@@ -354,15 +370,52 @@ impl Agent {
         });
 
         self.marks.last_revision = Some(snapshot.snapshot().revision);
+        self.marks.snapshot_expires_at = Some(snapshot.snapshot().expires_at);
         self.state.write_marks(&self.marks)?;
-        self.last_snapshot = Some(snapshot);
 
-        match self.reconciler.reconcile(&self.desired, &self.client).await {
+        // Apply only what the snapshot lists with exactly this generation and digest; hold the
+        // rest (a refused or missing newer generation must not bring back an older one).
+        let wants: BTreeMap<ContainerId, Want<'_>> = listed
+            .iter()
+            .map(|entry| {
+                let want = match self.desired.get(&entry.container_id) {
+                    Some(v)
+                        if v.manifest().generation == entry.generation
+                            && v.digest() == entry.digest =>
+                    {
+                        Want::Apply(v)
+                    }
+                    _ => Want::Hold,
+                };
+                (entry.container_id.clone(), want)
+            })
+            .collect();
+        let reconciled = self.reconciler.reconcile(&wants, &self.client).await;
+        drop(wants);
+        self.last_snapshot = Some(snapshot);
+        match reconciled {
             Ok(reports) => self.pending_reports.extend(reports),
             Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying on the next pass"),
         }
         self.flush_reports().await;
         Ok(())
+    }
+
+    /// Queues the report of a refused manifest.
+    fn refused(
+        &mut self,
+        container: Option<ContainerId>,
+        generation: Option<u64>,
+        error: &VerifyError,
+    ) {
+        tracing::warn!(error = %error, container = ?container.as_ref().map(ToString::to_string), "manifest refused; nothing applied");
+        self.pending_reports.push(ContainerReport {
+            container_id: container,
+            generation,
+            outcome: Outcome::Refused {
+                reason: error.to_string(),
+            },
+        });
     }
 
     /// Sends pending reports and, when it changed, the image inventory. Kept for the next try
@@ -399,7 +452,21 @@ impl Agent {
                     self.inventory_sent = Some(images);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "reporting status failed; will resend"),
+            Err(e) if e.status().is_some_and(|s| (400..500).contains(&s)) => {
+                // The server refused this batch; resending the same batch would be refused
+                // again and hold back every later report.
+                tracing::error!(error = %e, dropped = self.pending_reports.len(), "status report refused; dropping it");
+                self.pending_reports.clear();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reporting status failed; will resend");
+                // Keep the newest reports if the server stays away for long.
+                let excess = self
+                    .pending_reports
+                    .len()
+                    .saturating_sub(MAX_PENDING_REPORTS);
+                self.pending_reports.drain(..excess);
+            }
         }
     }
 
@@ -412,10 +479,16 @@ impl Agent {
         if self.expiry_applied {
             return;
         }
-        let Some(snapshot) = &self.last_snapshot else {
+        // After a restart no snapshot was received yet; the persisted expiry of the last one
+        // still applies.
+        let Some(expires_at) = self
+            .last_snapshot
+            .as_ref()
+            .map(|s| s.snapshot().expires_at)
+            .or(self.marks.snapshot_expires_at)
+        else {
             return;
         };
-        let expires_at = snapshot.snapshot().expires_at;
         if now_unix() < expires_at {
             return;
         }

@@ -17,8 +17,7 @@ use bollard::models::{
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, BuilderVersion, CreateContainerOptionsBuilder,
     ListContainersOptionsBuilder, ListImagesOptions, ListImagesOptionsBuilder,
-    PruneBuildOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
-    StopContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -55,6 +54,9 @@ pub enum EngineError {
         "check 7 (base image): image {0} is not present on this host (images are never pulled; build or load it, then the agent retries)"
     )]
     BaseImageMissing(ImageId),
+    /// The engine refused because another object depends on this one (HTTP 409).
+    #[error("docker: {0}")]
+    Conflict(String),
     /// The build context could not be assembled.
     #[error("build context: {0}")]
     Context(String),
@@ -219,8 +221,7 @@ impl Engine {
         digest: &str,
         files: &[VerifiedFile],
     ) -> Result<String, EngineError> {
-        let context = build_context(manifest, files)?;
-        let labels = self.labels(manifest, digest);
+        let context = build_context(manifest, &self.labels(manifest, digest), files)?;
         let tag = format!(
             "keyward/{}/{}:g{}",
             self.node, manifest.container_id, manifest.generation
@@ -231,7 +232,6 @@ impl Engine {
             .rm(true)
             .forcerm(true)
             .nocache(true)
-            .labels(&labels)
             .version(BuilderVersion::BuilderV1)
             .build();
         let body = bollard::body_full(Bytes::from_owner(context));
@@ -409,45 +409,74 @@ impl Engine {
         match self.docker.remove_image(id, Some(options), None).await {
             Ok(items) => Ok(items.into_iter().filter_map(|i| i.deleted).collect()),
             Err(e) if status_of(&e) == Some(404) => Ok(Vec::new()),
+            Err(e) if status_of(&e) == Some(409) => Err(EngineError::Conflict(e.to_string())),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Prunes build cache. The classic builder keeps no cache beyond the intermediate images
-    /// that [`Engine::remove_image`] deletes; this clears what a BuildKit-enabled engine may
-    /// have kept. Failure is not fatal: older engines without BuildKit answer with an error.
-    pub async fn prune_build_cache(&self) {
-        if let Err(e) = self
-            .docker
-            .prune_build(Some(PruneBuildOptionsBuilder::new().build()))
-            .await
-        {
-            tracing::debug!(error = %e, "build cache prune not available");
-        }
-    }
-
-    /// Lists this node's objects, optionally only those of one keyward container.
-    ///
-    /// Images are the top-level ones (built images and dangling leftovers of interrupted
-    /// builds); intermediate images of a build carry the same labels but go away with the image
-    /// built on them. `with_intermediate` lists those too, to check that a wipe left nothing.
+    /// Lists this node's objects, optionally only those of one keyward container. Images
+    /// include the intermediate images of builds, which carry the same labels.
     pub async fn objects(&self, container: Option<&ContainerId>) -> Result<Objects, EngineError> {
-        self.list(container, false).await
+        self.list(container).await
     }
 
-    /// Like [`Engine::objects`], including intermediate images.
-    pub async fn all_objects(
-        &self,
-        container: Option<&ContainerId>,
-    ) -> Result<Objects, EngineError> {
-        self.list(container, true).await
+    /// The ids of `image` and every image it was built on.
+    pub async fn lineage(&self, image: &str) -> Result<Vec<String>, EngineError> {
+        let history = match self.docker.image_history(image).await {
+            Ok(history) => history,
+            Err(e) if status_of(&e) == Some(404) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(history
+            .into_iter()
+            .map(|h| h.id)
+            .filter(|id| id.starts_with("sha256:"))
+            .collect())
     }
 
-    async fn list(
+    /// Removes the given images, children before parents, except those in `keep`. Returns
+    /// the ids deleted (parents removed along with a child included).
+    pub async fn remove_images(
         &self,
-        container: Option<&ContainerId>,
-        with_intermediate: bool,
-    ) -> Result<Objects, EngineError> {
+        images: &[String],
+        keep: &[String],
+    ) -> Result<Vec<String>, EngineError> {
+        let mut left: Vec<String> = images
+            .iter()
+            .filter(|i| !keep.contains(i))
+            .cloned()
+            .collect();
+        let mut removed: Vec<String> = Vec::new();
+        // A parent refuses removal (409) while a child exists, so conflicts are retried after
+        // the others; a pass that removes nothing ends with the engine's error.
+        while !left.is_empty() {
+            let attempted = left.len();
+            let mut conflicts = Vec::new();
+            let mut last_error = String::new();
+            for image in left {
+                if removed.contains(&image) {
+                    continue;
+                }
+                match self.remove_image(&image).await {
+                    Ok(deleted) => removed.extend(deleted),
+                    Err(EngineError::Conflict(e)) => {
+                        conflicts.push(image);
+                        last_error = e;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if conflicts.len() == attempted {
+                return Err(EngineError::Docker(last_error));
+            }
+            left = conflicts;
+        }
+        removed.sort();
+        removed.dedup();
+        Ok(removed)
+    }
+
+    async fn list(&self, container: Option<&ContainerId>) -> Result<Objects, EngineError> {
         let mut filter = vec![format!("{LABEL_NODE}={}", self.node)];
         if let Some(c) = container {
             filter.push(format!("{LABEL_CONTAINER}={c}"));
@@ -482,7 +511,7 @@ impl Engine {
             .docker
             .list_images(Some(
                 ListImagesOptionsBuilder::new()
-                    .all(with_intermediate)
+                    .all(true)
                     .filters(&filters)
                     .build(),
             ))
@@ -500,6 +529,11 @@ impl Engine {
             .collect();
         Ok(Objects { containers, images })
     }
+}
+
+/// A Dockerfile string literal (JSON quoting is valid there).
+fn quote(value: &str) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "\"\"".into())
 }
 
 /// Name of the archive of injected files inside the build context.
@@ -534,14 +568,25 @@ fn archive(entries: &[Entry<'_>]) -> Result<WipeOnDrop, EngineError> {
         .map_err(|e| EngineError::Context(e.to_string()))
 }
 
-/// The build context: a Dockerfile `FROM` the signed image id that `ADD`s an inner archive of
-/// the injected files to `/`.
+/// The build context: a Dockerfile `FROM` the signed image id that labels the image and `ADD`s an
+/// inner archive of the injected files to `/`.
 ///
 /// `ADD` of a local archive extracts each entry with the mode, uid and gid of its tar header and
 /// creates missing parent directories (0755, root) without touching existing ones, in a single
 /// layer. (One `COPY` per file would cost a layer each and reset owners to root.)
-fn build_context(manifest: &Manifest, files: &[VerifiedFile]) -> Result<WipeOnDrop, EngineError> {
-    let mut dockerfile = format!("FROM {}\n", manifest.image.id);
+fn build_context(
+    manifest: &Manifest,
+    labels: &HashMap<String, String>,
+    files: &[VerifiedFile],
+) -> Result<WipeOnDrop, EngineError> {
+    // The labels come first, so every image of the build, the intermediate one holding the files
+    // included, carries them: an interrupted build leaves nothing the agent cannot find.
+    let mut pairs: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{}={}", quote(k), quote(v)))
+        .collect();
+    pairs.sort();
+    let mut dockerfile = format!("FROM {}\nLABEL {}\n", manifest.image.id, pairs.join(" "));
     let inner = if files.is_empty() {
         None
     } else {
@@ -572,43 +617,158 @@ fn build_context(manifest: &Manifest, files: &[VerifiedFile]) -> Result<WipeOnDr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyward_common::ids::{ContainerId, ContainerName, ImageId, NodeId};
-    use keyward_common::manifest::{Action, BaseImage, RunSettings};
+    use keyward_common::dsse::{
+        MANIFEST_PAYLOAD_TYPE, ManifestSigningKey, SNAPSHOT_PAYLOAD_TYPE, TrustRoot,
+    };
+    use keyward_common::ids::{ContainerName, ImageId, NodeId, Sha256Digest};
+    use keyward_common::limits::Limits;
+    use keyward_common::manifest::{
+        Action, BaseImage, FileEntry, NodeSnapshot, RunSettings, SnapshotEntry,
+    };
+    use keyward_common::paths::{FileMode, PathRules, SafePath};
+    use keyward_common::secret::SecretBytes;
+    use keyward_common::verify::Verifier;
     use std::io::Read as _;
 
-    #[test]
-    fn the_context_adds_one_archive_whose_entries_carry_the_signed_modes_and_owners() {
+    /// Verified files for a manifest with the given (path, mode, uid, content) entries.
+    fn verified(files: &[(&str, u32, u32, &[u8])]) -> (Manifest, Vec<VerifiedFile>) {
+        let key = ManifestSigningKey::generate();
+        let node = NodeId::new("n").unwrap();
         let manifest = Manifest {
             container_id: ContainerId::new("c").unwrap(),
             container_name: ContainerName::new("web").unwrap(),
-            node: NodeId::new("n").unwrap(),
+            node: node.clone(),
             generation: 1,
             revision: 1,
-            issued_at: 0,
-            expires_at: 0,
+            issued_at: 100,
+            expires_at: 10_000,
             action: Action::Run,
             image: BaseImage {
                 reference: "x".into(),
                 id: ImageId::new(format!("sha256:{}", "a".repeat(64))).unwrap(),
             },
             run: RunSettings::default(),
-            files: Vec::new(),
+            files: files
+                .iter()
+                .map(|(path, mode, uid, content)| FileEntry {
+                    path: SafePath::parse(path).unwrap(),
+                    mode: FileMode::new(*mode).unwrap(),
+                    uid: *uid,
+                    gid: *uid,
+                    size: content.len() as u64,
+                    sha256: Sha256Digest::of(content),
+                })
+                .collect(),
         };
-        let context = build_context(&manifest, &[]).unwrap();
-        let mut outer = tar::Archive::new(context.as_ref());
-        let mut names = Vec::new();
-        for entry in outer.entries().unwrap() {
+        let payload = serde_json::to_vec(&manifest).unwrap();
+        let digest = Sha256Digest::of(&payload);
+        let envelope = key.sign_envelope(MANIFEST_PAYLOAD_TYPE, payload).encode();
+        let snapshot = NodeSnapshot {
+            node: node.clone(),
+            revision: 1,
+            issued_at: 100,
+            expires_at: 200,
+            manifests: vec![SnapshotEntry {
+                container_id: manifest.container_id.clone(),
+                generation: 1,
+                digest,
+            }],
+        };
+        let snapshot = key
+            .sign_envelope(
+                SNAPSHOT_PAYLOAD_TYPE,
+                serde_json::to_vec(&snapshot).unwrap(),
+            )
+            .encode();
+        let verifier = Verifier {
+            trust_root: TrustRoot::new([key.verifying_key()]).unwrap(),
+            node,
+            limits: Limits::default(),
+            path_rules: PathRules::default(),
+            max_clock_skew: 0,
+        };
+        let snapshot = verifier.snapshot(&snapshot, 150, None).unwrap();
+        let checked = verifier.manifest(&envelope, 150, None, &snapshot).unwrap();
+        let files = files
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, _, content))| {
+                checked
+                    .verify_file(i, SecretBytes::from(content.to_vec()))
+                    .unwrap()
+            })
+            .collect();
+        (manifest, files)
+    }
+
+    fn entries(archive: &[u8]) -> Vec<(String, u32, u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for entry in tar::Archive::new(archive).entries().unwrap() {
             let mut entry = entry.unwrap();
-            let mut text = String::new();
-            entry.read_to_string(&mut text).unwrap();
-            names.push((entry.path().unwrap().display().to_string(), text));
+            let header = entry.header().clone();
+            let mut content = Vec::new();
+            entry.read_to_end(&mut content).unwrap();
+            let path = entry.path().unwrap().display().to_string();
+            out.push((path, header.mode().unwrap(), header.uid().unwrap(), content));
         }
+        out
+    }
+
+    #[test]
+    fn the_context_labels_the_image_first_and_adds_one_archive_with_the_signed_modes_and_owners() {
+        let (manifest, files) = verified(&[
+            (
+                "/root/.ssh/authorized_keys",
+                0o400,
+                0,
+                b"ssh-ed25519 AAAA key\n",
+            ),
+            ("/home/app/token", 0o440, 1000, b"token"),
+        ]);
+        let labels = HashMap::from([
+            ("io.keyward.node".to_string(), "n".to_string()),
+            ("io.keyward.container".to_string(), "c".to_string()),
+        ]);
+        let context = build_context(&manifest, &labels, &files).unwrap();
+        let outer = entries(context.as_ref());
+        assert_eq!(outer.len(), 2);
+        let dockerfile = String::from_utf8(outer[0].3.clone()).unwrap();
         assert_eq!(
-            names,
-            vec![(
-                "Dockerfile".to_string(),
-                format!("FROM sha256:{}\n", "a".repeat(64))
-            )]
+            dockerfile,
+            format!(
+                "FROM sha256:{}\nLABEL \"io.keyward.container\"=\"c\" \"io.keyward.node\"=\"n\"\nADD [\"files.tar\", \"/\"]\n",
+                "a".repeat(64)
+            )
+        );
+        assert_eq!((outer[1].0.as_str(), outer[1].1), ("files.tar", 0o600));
+        let inner = entries(&outer[1].3);
+        assert_eq!(
+            inner,
+            vec![
+                (
+                    "root/.ssh/authorized_keys".to_string(),
+                    0o400,
+                    0,
+                    b"ssh-ed25519 AAAA key\n".to_vec()
+                ),
+                ("home/app/token".to_string(), 0o440, 1000, b"token".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_manifest_without_files_builds_from_the_base_image_with_labels_only() {
+        let (manifest, files) = verified(&[]);
+        let labels = HashMap::from([("io.keyward.node".to_string(), "n".to_string())]);
+        let context = build_context(&manifest, &labels, &files).unwrap();
+        let outer = entries(context.as_ref());
+        assert_eq!(outer.len(), 1);
+        assert_eq!(
+            String::from_utf8(outer[0].3.clone()).unwrap(),
+            format!(
+                "FROM sha256:{}\nLABEL \"io.keyward.node\"=\"n\"\n",
+                "a".repeat(64)
+            )
         );
     }
 }

@@ -240,6 +240,12 @@ pub async fn renew(
         .map_err(|_| IdentityError::Invalid("server sent no certificate".into()))?;
     validity(&cert)
         .ok_or_else(|| IdentityError::Invalid("server sent an unreadable certificate".into()))?;
+    // The trust root travels with every certificate, so a signing key rotated with an overlap
+    // reaches agents at their next renewal.
+    let trust_root = TrustRoot::from_json(response.trust_root.get().as_bytes())
+        .map_err(|e| IdentityError::Invalid(format!("server sent an invalid trust root: {e}")))?;
+    files::write_public(&state.path("trust-root.json"), &trust_root.to_json())
+        .map_err(StateError::from)?;
     write_identity(state, &response.certificate_pem, &csr.key_pem)?;
     NodeIdentity::load(state)
 }

@@ -2,18 +2,21 @@
 //!
 //! Idempotent: every pass starts from what the engine actually has (objects labelled with this
 //! node) and what the verified manifests want, so after a crash at any point the next pass
-//! converges. For each container:
+//! converges. For each container of the latest snapshot:
 //!
-//! - run, and a container with this generation and digest is running: remove leftovers of other
-//!   generations; report applied once.
+//! - run, and a container with this generation and digest is running: if a previous
+//!   generation is still around (a replacement was interrupted), the new one must first pass
+//!   the health wait; then leftovers are removed and `applied` is reported once.
 //! - run, otherwise: check the base image (check 7), fetch and verify the files, build, stop the
-//!   old container, start the new one, and keep it only if it stays running for the health
-//!   wait; else remove it and start the old one again.
-//! - destroy: remove containers (with anonymous volumes) and images (with untagged parents),
-//!   prune build cache, check nothing labelled remains, report the wipe.
-//! - objects of containers no manifest wants are wiped the same way.
+//!   previous container, start the new one, and keep it only if it stays running for the health
+//!   wait; else remove it and start the previous one again.
+//! - destroy: remove containers (with anonymous volumes) and every image of theirs,
+//!   intermediate ones included, check nothing labelled remains, report the wipe.
+//! - held: the snapshot lists a generation the agent has not accepted (refused, or not yet
+//!   received); what runs is kept as it is and nothing is built.
 //!
-//! Failures are reported with their reason and retried with exponential backoff per container.
+//! Objects of containers the snapshot does not list are wiped. Failures are reported with their
+//! reason and retried with exponential backoff per container.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -56,6 +59,15 @@ impl From<EngineError> for ApplyError {
             other => ApplyError::Failed(other.to_string()),
         }
     }
+}
+
+/// What the agent wants for one container in this pass.
+#[derive(Debug)]
+pub enum Want<'a> {
+    /// Apply this verified manifest: the latest snapshot lists exactly it.
+    Apply(&'a VerifiedManifest),
+    /// The snapshot lists a generation the agent does not hold; keep what runs, build nothing.
+    Hold,
 }
 
 /// Reconcile state kept between passes: retry backoff and what was already reported.
@@ -110,16 +122,19 @@ impl Reconciler {
         })
     }
 
-    /// One pass over `desired`. Returns what to report to the server.
+    /// One pass over the containers of the latest snapshot. Returns what to report.
     pub async fn reconcile(
         &mut self,
-        desired: &BTreeMap<ContainerId, VerifiedManifest>,
+        wants: &BTreeMap<ContainerId, Want<'_>>,
         client: &ApiClient,
     ) -> Result<Vec<ContainerReport>, EngineError> {
         let objects = self.engine.objects(None).await?;
         let mut reports = Vec::new();
 
-        for (id, verified) in desired {
+        for (id, want) in wants {
+            let Want::Apply(verified) = want else {
+                continue;
+            };
             let manifest = verified.manifest();
             let span =
                 tracing::info_span!("reconcile", container = %id, generation = manifest.generation);
@@ -138,14 +153,14 @@ impl Reconciler {
             reports.extend(report);
         }
 
-        // Objects no manifest wants: wipe them.
-        let wanted: BTreeSet<&str> = desired.keys().map(ContainerId::as_str).collect();
+        // Objects of containers the snapshot does not list: wipe them.
+        let listed: BTreeSet<&str> = wants.keys().map(ContainerId::as_str).collect();
         let strays: BTreeSet<String> = objects
             .containers
             .iter()
             .map(|c| c.container.clone())
             .chain(objects.images.iter().map(|i| i.container.clone()))
-            .filter(|c| !wanted.contains(c.as_str()))
+            .filter(|c| !listed.contains(c.as_str()))
             .collect();
         for stray in strays {
             let generation = objects
@@ -177,24 +192,38 @@ impl Reconciler {
             .collect();
         let current = mine
             .iter()
-            .find(|c| c.generation == manifest.generation && c.digest == digest);
+            .find(|c| c.generation == manifest.generation && c.digest == digest)
+            .copied();
+        let previous = previous_generation(&mine, manifest.generation);
 
         if let Some(current) = current {
-            if !current.running {
+            let checked = if !current.running {
                 // Stopped (expiry policy, host reboot, crash): start it again.
-                if let Err(e) = self.start_existing(current).await {
-                    tracing::warn!(error = %e, "restarting the existing container failed; rebuilding");
-                    return self.apply(id, verified, &mine, client).await;
+                self.start_checked(&current.id).await
+            } else if previous.is_some() {
+                // A replacement was interrupted after the start: finish its health check.
+                self.engine
+                    .stays_running(&current.id, self.health_wait)
+                    .await
+            } else {
+                Ok(())
+            };
+            match checked {
+                Ok(()) => {
+                    if let Err(e) = self.remove_others(id, Some(current)).await {
+                        tracing::warn!(error = %e, "removing leftovers failed; will retry");
+                    }
+                    self.failures.remove(id);
+                    return self.report(id.as_str(), manifest.generation, Outcome::Applied);
+                }
+                Err(reason) => {
+                    let outcome = Outcome::Failed {
+                        reason: self.roll_back(id, previous, &reason).await,
+                    };
+                    self.note_failure(id, manifest.generation);
+                    return self.report(id.as_str(), manifest.generation, outcome);
                 }
             }
-            if let Err(e) = self
-                .remove_others(id, Some(&current.id), Some(&current.image))
-                .await
-            {
-                tracing::warn!(error = %e, "removing leftovers failed; will retry");
-            }
-            self.failures.remove(id);
-            return self.report(id.as_str(), manifest.generation, Outcome::Applied);
         }
 
         if let Some(failure) = self.failures.get(id)
@@ -203,29 +232,24 @@ impl Reconciler {
         {
             return None;
         }
-        self.apply(id, verified, &mine, client).await
+        self.apply(id, verified, previous, client).await
     }
 
-    async fn start_existing(&self, current: &ManagedContainer) -> Result<(), String> {
-        self.engine
-            .start(&current.id)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.engine
-            .stays_running(&current.id, self.health_wait)
-            .await
+    async fn start_checked(&self, id: &str) -> Result<(), String> {
+        self.engine.start(id).await.map_err(|e| e.to_string())?;
+        self.engine.stays_running(id, self.health_wait).await
     }
 
-    /// Builds and starts a generation, keeping or restoring the old container on failure.
+    /// Builds and starts a generation, keeping or restoring the previous one on failure.
     async fn apply(
         &mut self,
         id: &ContainerId,
         verified: &VerifiedManifest,
-        mine: &[&ManagedContainer],
+        previous: Option<&ManagedContainer>,
         client: &ApiClient,
     ) -> Option<ContainerReport> {
         let generation = verified.manifest().generation;
-        let outcome = match self.try_apply(verified, mine, client).await {
+        let outcome = match self.try_apply(id, verified, previous, client).await {
             Ok(()) => {
                 self.failures.remove(id);
                 tracing::info!("generation applied");
@@ -262,15 +286,16 @@ impl Reconciler {
 
     async fn try_apply(
         &self,
+        id: &ContainerId,
         verified: &VerifiedManifest,
-        mine: &[&ManagedContainer],
+        previous: Option<&ManagedContainer>,
         client: &ApiClient,
     ) -> Result<(), ApplyError> {
         let manifest = verified.manifest();
         let digest = verified.digest().to_hex();
 
         // Check 7, then the files (check 6 on their content).
-        let started_at = std::time::Instant::now();
+        let started_at = Instant::now();
         self.engine.check_base_image(&manifest.image.id).await?;
         let files = fetch_files(verified, client).await?;
         let fetched = started_at.elapsed();
@@ -280,10 +305,9 @@ impl Reconciler {
         let built = started_at.elapsed();
         failpoint::hit("after-build");
 
-        // Replace: stop the old container, start the new one, keep it if it stays up.
-        let old: Vec<&ManagedContainer> = mine.iter().copied().filter(|c| c.running).collect();
-        for c in &old {
-            self.engine.stop(&c.id).await?;
+        // Replace: stop the previous container, start the new one, keep it if it stays up.
+        if let Some(old) = previous.filter(|c| c.running) {
+            self.engine.stop(&old.id).await?;
         }
         let stopped = started_at.elapsed();
         let created = self
@@ -299,70 +323,73 @@ impl Reconciler {
             "container started; checking it stays up"
         );
         let started = match created {
-            Ok(new) => self
-                .engine
-                .stays_running(&new, self.health_wait)
-                .await
-                .map(|()| new),
+            Ok(new) => self.engine.stays_running(&new, self.health_wait).await,
             Err(e) => Err(e.to_string()),
         };
         match started {
-            Ok(new) => {
-                if let Err(e) = self
-                    .remove_others(&manifest.container_id, Some(&new), Some(&image))
+            Ok(()) => {
+                let objects = self
+                    .engine
+                    .objects(Some(id))
                     .await
-                {
+                    .map_err(ApplyError::from)?;
+                let new = objects
+                    .containers
+                    .iter()
+                    .find(|c| c.generation == manifest.generation && c.digest == digest);
+                if let Err(e) = self.remove_others(id, new).await {
                     tracing::warn!(error = %e, "removing the previous generation failed; will retry");
                 }
                 Ok(())
             }
-            Err(reason) => {
-                // Roll back: drop everything of this generation, start the old one again.
-                let keep = old.first().map(|c| (c.id.clone(), c.image.clone()));
-                let _ = self
-                    .remove_others(
-                        &manifest.container_id,
-                        keep.as_ref().map(|k| k.0.as_str()),
-                        keep.as_ref().map(|k| k.1.as_str()),
-                    )
-                    .await;
-                for c in &old {
-                    if let Err(e) = self.engine.start(&c.id).await {
-                        tracing::warn!(error = %e, container = %c.id, "restarting the previous generation failed");
-                    }
-                }
-                let restored = if old.is_empty() {
-                    "no previous generation to keep"
-                } else {
-                    "previous generation restored"
-                };
-                Err(ApplyError::Failed(format!("{reason}; {restored}")))
-            }
+            Err(reason) => Err(ApplyError::Failed(
+                self.roll_back(id, previous, &reason).await,
+            )),
         }
     }
 
-    /// Removes every object of keyward container `id` except the given container and image.
+    /// After a failed generation: removes everything of `id` but the previous generation's
+    /// container and image, and starts the previous container again if it was running.
+    /// Returns the reason to report.
+    async fn roll_back(
+        &self,
+        id: &ContainerId,
+        previous: Option<&ManagedContainer>,
+        reason: &str,
+    ) -> String {
+        if let Err(e) = self.remove_others(id, previous).await {
+            tracing::warn!(error = %e, "removing the failed generation failed; will retry");
+        }
+        match previous {
+            Some(old) if old.running => match self.engine.start(&old.id).await {
+                Ok(()) => format!("{reason}; previous generation restored"),
+                Err(e) => format!("{reason}; restarting the previous generation failed: {e}"),
+            },
+            Some(_) => format!("{reason}; previous generation kept (it was not running)"),
+            None => format!("{reason}; no previous generation to keep"),
+        }
+    }
+
+    /// Removes every object of keyward container `id` except `keep` and the images it runs on.
     async fn remove_others(
         &self,
         id: &ContainerId,
-        keep_container: Option<&str>,
-        keep_image: Option<&str>,
+        keep: Option<&ManagedContainer>,
     ) -> Result<(), EngineError> {
         let objects = self.engine.objects(Some(id)).await?;
         for c in objects
             .containers
             .iter()
-            .filter(|c| Some(c.id.as_str()) != keep_container)
+            .filter(|c| Some(c.id.as_str()) != keep.map(|k| k.id.as_str()))
         {
             self.engine.remove_container(&c.id).await?;
         }
-        for i in objects
-            .images
-            .iter()
-            .filter(|i| Some(i.id.as_str()) != keep_image)
-        {
-            self.engine.remove_image(&i.id).await?;
-        }
+        let keep_images = match keep {
+            Some(k) => self.engine.lineage(&k.image).await?,
+            None => Vec::new(),
+        };
+        let images: Vec<String> = objects.images.iter().map(|i| i.id.clone()).collect();
+        self.engine.remove_images(&images, &keep_images).await?;
         Ok(())
     }
 
@@ -370,9 +397,10 @@ impl Reconciler {
     async fn wipe(&mut self, id: &str, generation: u64) -> Option<ContainerReport> {
         if self.reported.get(id) == Some(&(generation, "wiped")) {
             // Already wiped and reported; only check nothing came back.
+            let cid: Option<ContainerId> = id.parse().ok();
             if self
                 .engine
-                .objects(id.parse().ok().as_ref())
+                .objects(cid.as_ref())
                 .await
                 .is_ok_and(|o| o.containers.is_empty() && o.images.is_empty())
             {
@@ -410,18 +438,19 @@ impl Reconciler {
             removed.push(c.id.clone());
         }
         failpoint::hit("during-destroy");
-        for i in &objects.images {
-            let deleted = self
-                .engine
-                .remove_image(&i.id)
+        let images: Vec<String> = objects.images.iter().map(|i| i.id.clone()).collect();
+        removed.extend(
+            self.engine
+                .remove_images(&images, &[])
                 .await
-                .map_err(|e| e.to_string())?;
-            removed.extend(deleted);
-        }
-        self.engine.prune_build_cache().await;
+                .map_err(|e| e.to_string())?,
+        );
+
+        // The classic builder keeps no build cache beyond the intermediate images removed above
+        // (they carry the same labels); check that nothing with the labels is left.
         let left = self
             .engine
-            .all_objects(Some(&cid))
+            .objects(Some(&cid))
             .await
             .map_err(|e| e.to_string())?;
         if !left.containers.is_empty() || !left.images.is_empty() {
@@ -462,6 +491,18 @@ impl Reconciler {
         }
         Ok(())
     }
+}
+
+/// The container of the newest generation below `generation`, running or not: what a failed
+/// new generation falls back to.
+fn previous_generation<'a>(
+    mine: &[&'a ManagedContainer],
+    generation: u64,
+) -> Option<&'a ManagedContainer> {
+    mine.iter()
+        .copied()
+        .filter(|c| c.generation < generation)
+        .max_by_key(|c| c.generation)
 }
 
 /// Fetches every file of the manifest and checks each against its signed digest.

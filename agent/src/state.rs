@@ -73,6 +73,10 @@ pub struct Marks {
     pub last_revision: Option<u64>,
     /// Per container: the last accepted generation.
     pub containers: BTreeMap<ContainerId, Mark>,
+    /// Expiry of the last accepted snapshot (unix seconds): when the expiry policy applies if
+    /// the server stays unreachable, also across restarts.
+    #[serde(default)]
+    pub snapshot_expires_at: Option<u64>,
     /// Set when the server refused this node as evicted; the agent then applies nothing.
     #[serde(default)]
     pub evicted: bool,

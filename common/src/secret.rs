@@ -34,6 +34,14 @@ impl SecretBytes {
     }
 }
 
+/// Lets the bytes be handed to an owner-based buffer (`bytes::Bytes::from_owner`), so they are
+/// zeroized when the last reference is dropped instead of being copied into a plain buffer.
+impl AsRef<[u8]> for SecretBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl From<Vec<u8>> for SecretBytes {
     fn from(bytes: Vec<u8>) -> Self {
         Self::new(bytes)

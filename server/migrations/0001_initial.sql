@@ -172,13 +172,15 @@ CREATE TABLE rollouts (
     failure_threshold BIGINT NOT NULL,
     created_by TEXT NOT NULL,
     created_at BIGINT NOT NULL,
+    -- Failures reported before this time no longer count toward the threshold.
+    resumed_at BIGINT NOT NULL,
     finished_at BIGINT
 );
 
 CREATE TABLE rollout_items (
     rollout_id TEXT NOT NULL REFERENCES rollouts(id),
     container_id TEXT NOT NULL,
-    -- 'pending', 'released', 'applied', 'failed', 'skipped'
+    -- 'pending', 'released', 'applied', 'skipped'
     state TEXT NOT NULL,
     target_generation BIGINT,
     batch BIGINT,

@@ -315,9 +315,10 @@ pub struct RevocationProgress {
     pub holders: u64,
     /// Of those, confirmed rebuilt without it or wiped.
     pub confirmed: u64,
-    /// Of those, on evicted nodes (cannot confirm; counted as lost).
+    /// Of those, unconfirmed and on evicted nodes: they can never confirm, and the key may
+    /// still be on those hosts.
     pub on_evicted_nodes: u64,
-    /// Whether every holder confirmed or is on an evicted node.
+    /// Whether every holder confirmed.
     pub complete: bool,
 }
 
@@ -337,11 +338,11 @@ pub struct RolloutView {
     pub total: u64,
     /// Not yet released.
     pub pending: u64,
-    /// Released, waiting for the agent.
+    /// Released, waiting for the agent (failing ones included).
     pub in_flight: u64,
     /// Confirmed applied.
     pub applied: u64,
-    /// Failed.
+    /// Of those in flight, reporting a failure since the rollout started or resumed.
     pub failed: u64,
     /// Skipped (nothing to change, or the container went away).
     pub skipped: u64,

@@ -303,9 +303,9 @@ impl Settings {
                     .into(),
             ));
         }
-        if self.node_cert_validity < Duration::from_secs(300) {
+        if self.node_cert_validity < Duration::from_secs(30) {
             return Err(ConfigError::Invalid(
-                "node_cert_validity_secs must be at least 300".into(),
+                "node_cert_validity_secs must be at least 30".into(),
             ));
         }
         Ok(())

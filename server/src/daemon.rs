@@ -22,6 +22,13 @@ use crate::service::{Service, rollouts};
 use crate::store::{Backend, NOTIFY_CHANNEL, Store, StoreError};
 use crate::watch::WatchHub;
 
+/// Idle keep-alive time on the API listener (agents reuse their connection between watches).
+const API_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Connection cap of the enrollment listener, which accepts clients without certificates.
+const ENROLL_CONNECTIONS: usize = 256;
+/// Idle time allowed on the enrollment listener.
+const ENROLL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -124,12 +131,12 @@ pub async fn run(mut settings: Settings) -> Result<(), DaemonError> {
     )?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
-    let context = |acceptor, router| ListenerContext {
+    let context = |acceptor, router, permits, header_read_timeout| ListenerContext {
         acceptor,
         router,
         domain: domain.clone(),
-        permits: permits.clone(),
+        permits: Arc::new(Semaphore::new(permits)),
+        header_read_timeout,
         metrics: service.metrics.clone(),
     };
     let api = tokio::spawn(http::serve(
@@ -137,6 +144,8 @@ pub async fn run(mut settings: Settings) -> Result<(), DaemonError> {
         context(
             TlsAcceptor::from(Arc::new(api_tls)),
             http::routes::api_router(service.clone()),
+            settings.max_connections,
+            API_IDLE_TIMEOUT,
         ),
         stop_rx.clone(),
     ));
@@ -145,6 +154,8 @@ pub async fn run(mut settings: Settings) -> Result<(), DaemonError> {
         context(
             TlsAcceptor::from(Arc::new(enroll_tls)),
             http::routes::enroll_router(service.clone()),
+            ENROLL_CONNECTIONS,
+            ENROLL_IDLE_TIMEOUT,
         ),
         stop_rx.clone(),
     ));

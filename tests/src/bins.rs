@@ -3,17 +3,22 @@
 use std::path::PathBuf;
 
 /// The directory holding `keyward-server`, `keyward` and `keyward-agent`: `KEYWARD_BIN_DIR`,
-/// else the cargo profile directory of the running test (`target/<profile>`).
+/// else the cargo profile directory of the running executable (`target/<profile>`), whether it
+/// is a test (in `target/<profile>/deps`) or a binary (in `target/<profile>`).
 pub fn dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("KEYWARD_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .map(PathBuf::from)
-        .expect("target directory")
+    let exe = std::env::current_exe().expect("executable path");
+    let parent = exe.parent().expect("executable directory");
+    if parent.file_name().is_some_and(|n| n == "deps") {
+        parent
+            .parent()
+            .map(PathBuf::from)
+            .expect("target directory")
+    } else {
+        parent.to_path_buf()
+    }
 }
 
 /// Path of binary `name`, which must have been built (`cargo build --workspace --bins`, as

@@ -1,6 +1,7 @@
 //! Test harness for keyward: real server and agent processes, a real PostgreSQL started here,
 //! the real Docker engine, and the real OpenSSH client.
 //!
+//! - [`bench`]: the benchmarks (`keyward-bench`).
 //! - [`bins`]: locating the built binaries.
 //! - [`server`]: a `keyward-server` in a temporary data directory, with an operator client.
 //! - [`agent`]: a `keyward-agent` enrolled against a test server.
@@ -14,6 +15,7 @@
 //! Everything a test creates is removed when its guard drops, also when the test fails.
 
 pub mod agent;
+pub mod bench;
 pub mod bins;
 pub mod docker;
 pub mod evil;

@@ -188,6 +188,17 @@ impl TestServer {
         }
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the server again after [`TestServer::stop`], on the same ports.
+    pub fn start_again(&mut self) {
+        let ports = self.ports();
+        self.spawn(Some(ports));
+    }
+
     /// Restarts the server on the same ports.
     pub fn restart(&mut self) {
         let ports = self.ports();

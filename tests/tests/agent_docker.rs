@@ -902,3 +902,70 @@ async fn a_replayed_generation_is_refused_also_after_an_agent_restart() {
         "the replay changed nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_its_certificate_at_two_thirds_of_its_life_and_keeps_working() {
+    base_image_id();
+    let node = unique("rn");
+    let _cleanup = Cleanup::new(&[&node]);
+    let options = ServerOptions {
+        extra_args: vec!["--node-cert-validity-secs".into(), "30".into()],
+        ..ServerOptions::default()
+    };
+    let server = TestServer::start(options);
+    let agent = TestAgent::enroll_and_start(&server, &node).await;
+    let op = server.operator();
+    wait_for_inventory(&op, &node).await;
+    let identity = || {
+        keyward_common::ids::Sha256Digest::of(
+            &std::fs::read(agent.state().join("identity.pem")).unwrap(),
+        )
+    };
+    let first = identity();
+
+    // Renewal is due 20 s into the 30 s certificate; the agent renews on its next pass and
+    // replaces its identity file (certificate and key together).
+    wait::until("the renewal", Duration::from_secs(60), || async {
+        let page: keyward_server::api::AuditPage =
+            op.get_json("/v1/audit?limit=1000").await.ok()?;
+        let renewed = page
+            .entries
+            .iter()
+            .any(|e| e.action == "node.renew" && e.subject == node);
+        (renewed && identity() != first).then_some(())
+    })
+    .await;
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(agent.state().join("identity.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        agent.log().contains("node certificate renewed"),
+        "{}",
+        agent.log()
+    );
+
+    // After the first certificate expired, the agent still talks to the server.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let created: AccessKeyResponse = f_create(&op, &node).await;
+    let view = wait::until("a container after the renewal", BUILD_TIMEOUT, || async {
+        let view: ContainerView = op
+            .get_json(&format!("/v1/containers/{}", created.container.id))
+            .await
+            .ok()?;
+        (view.applied_generation >= 1).then_some(view)
+    })
+    .await;
+    assert_eq!(view.status, "applied");
+}
+
+async fn f_create(op: &ApiClient, node: &str) -> AccessKeyResponse {
+    op.post_json(
+        "/v1/containers",
+        &request(node, "web", free_port(), &[], vec![]),
+    )
+    .await
+    .unwrap()
+}

@@ -823,18 +823,18 @@ pub(super) async fn key(
 }
 
 fn progress_line(r: &RolloutView) -> String {
-    let done = r.applied + r.skipped + r.failed;
+    let done = r.applied + r.skipped;
     let percent = (done * 100).checked_div(r.total).unwrap_or(100);
     let filled = (percent / 5) as usize;
     format!(
-        "[{}{}] {percent:>3}%  {done}/{} done ({} applied, {} skipped, {} failed), {} in flight, {} pending, {} batches (largest {})  {}",
+        "[{}{}] {percent:>3}%  {done}/{} done ({} applied, {} skipped), {} in flight ({} failing), {} pending, {} batches (largest {})  {}",
         "#".repeat(filled),
         ".".repeat(20 - filled),
         r.total,
         r.applied,
         r.skipped,
-        r.failed,
         r.in_flight,
+        r.failed,
         r.pending,
         r.batches,
         r.largest_batch,
@@ -859,7 +859,7 @@ pub(super) async fn rollout(
                         vec![
                             r.id.clone(),
                             r.state.clone(),
-                            format!("{}/{}", r.applied + r.skipped + r.failed, r.total),
+                            format!("{}/{}", r.applied + r.skipped, r.total),
                             r.reason.clone(),
                         ]
                     })

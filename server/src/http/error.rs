@@ -50,7 +50,8 @@ where
     async fn from_request(req: Request, service: &Arc<Service>) -> Result<Self, Self::Rejection> {
         let limit = service.settings.max_body_bytes;
         let mut body = req.into_body();
-        let mut bytes = Vec::new();
+        // Bodies can carry secret files; the buffer is zeroized when dropped.
+        let mut bytes = zeroize::Zeroizing::new(Vec::new());
         let mut total = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {

@@ -1,8 +1,9 @@
 //! HTTPS listeners: a TLS accept loop in front of axum routers.
 //!
-//! Each accepted connection takes a permit from a semaphore shared by both listeners, so the
-//! number of connections (idle watchers included) is capped; above the cap new connections are
-//! closed at once. The TLS handshake has a timeout, so a silent client cannot hold a permit.
+//! Each accepted connection takes a permit from its listener's semaphore, so the number of
+//! connections (idle watchers included) is capped; above the cap new connections are closed at
+//! once. The enrollment listener, which needs no certificate, has its own small cap and a short
+//! idle timeout, so anonymous clients cannot starve the agents' watches. The TLS handshake has a timeout, so a silent client cannot hold a permit.
 //! The verified client identity is attached to every request of the connection.
 
 pub mod auth;
@@ -20,7 +21,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use keyward_common::ids::TrustDomain;
 use keyward_common::tls::peer_identity;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::Layer as _;
@@ -30,8 +32,8 @@ use crate::metrics::Metrics;
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an idle keep-alive connection may take to send its next request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a connection whose handshake failed is drained before it is closed.
+const LINGER: Duration = Duration::from_secs(1);
 /// How long shutdown waits for open connections to finish their requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -44,10 +46,30 @@ pub struct ListenerContext {
     pub router: Router,
     /// The fleet's trust domain, to read identities.
     pub domain: TrustDomain,
-    /// Connection permits shared by all listeners.
+    /// Connection permits of this listener.
     pub permits: Arc<Semaphore>,
+    /// How long an idle keep-alive connection may take to send its next request headers.
+    pub header_read_timeout: Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+}
+
+/// Closes a connection whose handshake failed without resetting it.
+///
+/// With TLS 1.3 the client finishes its side of the handshake and sends its request before the
+/// server has checked its certificate. Closing the socket with that request unread makes the
+/// kernel reset the connection, and the client may then see the reset instead of the alert that
+/// says why (for an evicted node, `certificate_revoked`). So: send FIN after the alert, read and
+/// discard what the client sends for a short while, then close.
+async fn linger(mut tcp: TcpStream) {
+    let _ = tcp.shutdown().await;
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 /// Serves `listener` until `shutdown` turns true, then lets open connections finish for a grace
@@ -84,12 +106,13 @@ pub async fn serve(
         tokio::spawn(async move {
             // The permit is held for the connection's life.
             let _permit = permit;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.acceptor.accept(tcp)).await
-            {
+            let accept = ctx.acceptor.accept(tcp).into_fallible();
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
+                Ok(Err((e, tcp))) => {
                     Metrics::inc(&ctx.metrics.handshake_failures);
                     tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                    linger(tcp).await;
                     return;
                 }
                 Err(_) => {
@@ -121,7 +144,7 @@ pub async fn serve(
             let service = TowerToHyperService::new(Extension(peer).layer(ctx.router));
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(ctx.header_read_timeout)
                 .keep_alive(true);
             let connection = http.serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(connection).await {

@@ -164,11 +164,9 @@ async fn fetch_file(
     let content = service
         .fetch_file(&node.id, &container, generation, idx)
         .await?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        content.expose().to_vec(),
-    )
-        .into_response())
+    // The body owns the secret and zeroizes it once sent.
+    let body = axum::body::Body::from(axum::body::Bytes::from_owner(content));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
 async fn report_status(

@@ -2,8 +2,8 @@
 //!
 //! A revocation is complete when every container that held the key has confirmed a generation
 //! without it (the agent reported that generation applied) or has been wiped. Containers on
-//! evicted nodes cannot confirm anything; they are counted separately and do not hold a
-//! revocation open.
+//! evicted nodes cannot confirm anything: they are counted separately and keep the revocation
+//! incomplete, because the key may still sit on that host.
 
 use std::collections::HashMap;
 
@@ -178,6 +178,6 @@ pub(crate) async fn revocation_progress(
             progress.on_evicted_nodes += 1;
         }
     }
-    progress.complete = progress.confirmed + progress.on_evicted_nodes == progress.holders;
+    progress.complete = progress.confirmed == progress.holders;
     Ok(progress)
 }

@@ -56,24 +56,26 @@ impl Service {
         loop {
             let view = self.read_node(node).await?;
             let newest = view.entries.iter().map(|e| e.3).max().unwrap_or(0);
-            if newest > since || since > view.revision || *shutdown.borrow() {
+            if newest > since || *shutdown.borrow() {
                 return self.answer(node, since, view);
             }
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return self.answer(node, since, view);
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => return self.answer(node, since, view),
-                _ = shutdown.changed() => return self.answer(node, since, view),
-            }
+            let woken = tokio::select! {
+                changed = changes.changed() => changed.is_ok(),
+                _ = tokio::time::sleep_until(deadline) => false,
+                _ = shutdown.changed() => false,
+            };
             if self.node_state(node.as_str()).await?.as_deref() == Some("evicted") {
                 return Err(ServiceError::new(
                     ErrorKind::Forbidden,
                     "node_evicted",
                     format!("node {node} was evicted"),
                 ));
+            }
+            if !woken {
+                // Timed out or shutting down: answer with a view read now, never with the one
+                // read before waiting (a freshly signed snapshot must describe the present).
+                let view = self.read_node(node).await?;
+                return self.answer(node, since, view);
             }
         }
     }
@@ -126,9 +128,7 @@ impl Service {
                 generation,
                 digest: Sha256Digest::parse_hex(&digest).map_err(|_| corrupt("a bad digest"))?,
             });
-            // Everything is sent when the agent's view is from another timeline (`since` ahead
-            // of the server, for example after a restore from backup).
-            if revision > since || since > view.revision {
+            if revision > since {
                 let text =
                     String::from_utf8(envelope).map_err(|_| corrupt("a non-UTF-8 envelope"))?;
                 manifests
@@ -208,21 +208,45 @@ impl Service {
         let (mut tx, _revision) = self.store.write().await?;
         let at = now();
         let actor = format!("node/{node}");
+        // A report about another node's container is refused whole: the reporter is confused
+        // or hostile. One about a container the server does not know (its objects outlived a
+        // server reset, or the id came from a refused manifest) is only recorded in the audit
+        // log, so one such item cannot block the agent's other reports.
+        let mut known = Vec::with_capacity(report.containers.len());
         for item in &report.containers {
-            if let Some(container) = &item.container_id {
-                let owner: Option<String> =
-                    sqlx::query_scalar("SELECT node_id FROM containers WHERE id = $1")
-                        .bind(container.as_str())
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if owner.as_deref() != Some(node.as_str()) {
+            let Some(container) = &item.container_id else {
+                known.push(item);
+                continue;
+            };
+            let owner: Option<String> =
+                sqlx::query_scalar("SELECT node_id FROM containers WHERE id = $1")
+                    .bind(container.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match owner.as_deref() {
+                Some(owner) if owner == node.as_str() => known.push(item),
+                Some(_) => {
                     return Err(ServiceError::forbidden(format!(
                         "container {container} is not on node {node}; nothing was recorded"
                     )));
                 }
+                None => {
+                    let details = serde_json::json!({ "generation": item.generation, "outcome": outcome_name(&item.outcome) });
+                    audit::append(
+                        &mut tx,
+                        at,
+                        &[NewEntry {
+                            actor: &actor,
+                            action: "report.unknown_container",
+                            subject: container.as_str(),
+                            details,
+                        }],
+                    )
+                    .await?;
+                }
             }
         }
-        for item in &report.containers {
+        for item in known {
             self.record_outcome(&mut tx, &actor, item, at).await?;
         }
         if let Some(inventory) = &report.inventory {
@@ -284,7 +308,7 @@ impl Service {
                 sqlx::query(
                     "UPDATE containers SET applied_generation = CASE WHEN applied_generation > $1 \
                      THEN applied_generation ELSE $1 END, status = 'applied', status_generation = $1, \
-                     status_reason = NULL, status_at = $2 WHERE id = $3 AND state <> 'destroyed'",
+                     status_reason = NULL, status_at = $2 WHERE id = $3 AND state <> 'destroyed' AND generation >= $1",
                 )
                 .bind(to_i64(generation))
                 .bind(to_i64(at))
@@ -300,7 +324,7 @@ impl Service {
                 };
                 sqlx::query(
                     "UPDATE containers SET status = $1, status_generation = $2, status_reason = $3, status_at = $4 \
-                     WHERE id = $5 AND state <> 'destroyed'",
+                     WHERE id = $5 AND state <> 'destroyed' AND generation >= $2",
                 )
                 .bind(status)
                 .bind(to_i64(generation))
@@ -375,6 +399,15 @@ impl Service {
             }
         }
         Ok(())
+    }
+}
+
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Applied => "applied",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Refused { .. } => "refused",
+        Outcome::Wiped { .. } => "wiped",
     }
 }
 

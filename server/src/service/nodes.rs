@@ -155,6 +155,20 @@ impl Service {
         .bind(node.as_str())
         .execute(&mut *tx)
         .await?;
+        // Re-enrolling (a reinstalled host) retires the node's earlier certificates.
+        let retired: Vec<String> = sqlx::query_scalar(
+            "SELECT serial FROM certificates WHERE node_id = $1 AND denied_at IS NULL",
+        )
+        .bind(node.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE certificates SET denied_at = $1 WHERE node_id = $2 AND denied_at IS NULL",
+        )
+        .bind(to_i64(at))
+        .bind(node.as_str())
+        .execute(&mut *tx)
+        .await?;
         record_certificate(
             &mut tx,
             &issued.serial,
@@ -177,6 +191,7 @@ impl Service {
         )
         .await?;
         tx.commit().await?;
+        self.deny.extend(retired);
         Metrics::inc(&self.metrics.enrollments);
         tracing::info!(node = %node, serial = %issued.serial, "node enrolled");
         self.certificate_response(issued.pem, issued.not_after)
@@ -200,6 +215,18 @@ impl Service {
             ));
         }
         let (mut tx, _revision) = self.store.write().await?;
+        // An eviction may have committed since the request was authorized.
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM nodes WHERE id = $1")
+            .bind(node.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if state.as_deref() != Some("active") {
+            return Err(ServiceError::new(
+                ErrorKind::Forbidden,
+                "node_evicted",
+                format!("node {node} is not active"),
+            ));
+        }
         let at = now();
         record_certificate(
             &mut tx,

@@ -51,7 +51,7 @@ impl Service {
         let at = now();
         sqlx::query(
             "INSERT INTO rollouts (id, reason, state, batch_size, max_in_flight, failure_threshold, \
-             created_by, created_at) VALUES ($1, $2, 'running', $3, $4, $5, $6, $7)",
+             created_by, created_at, resumed_at) VALUES ($1, $2, 'running', $3, $4, $5, $6, $7, $7)",
         )
         .bind(&id)
         .bind(reason)
@@ -260,7 +260,8 @@ impl Service {
         Ok(())
     }
 
-    /// Resumes a paused rollout; its failure count starts over.
+    /// Resumes a paused rollout: only failures reported after now count toward its threshold.
+    /// Failing containers stay in flight; their agents keep retrying with backoff.
     pub async fn resume_rollout(&self, actor: &str, id: &str) -> ServiceResult<RolloutView> {
         let (mut tx, _revision) = self.store.write().await?;
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM rollouts WHERE id = $1")
@@ -281,12 +282,8 @@ impl Service {
             }
         }
         let at = now();
-        // Failed containers go back to pending so they are tried again.
-        sqlx::query("UPDATE rollout_items SET state = 'pending', reason = NULL WHERE rollout_id = $1 AND state = 'failed'")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE rollouts SET state = 'running' WHERE id = $1")
+        sqlx::query("UPDATE rollouts SET state = 'running', resumed_at = $1 WHERE id = $2")
+            .bind(to_i64(at))
             .bind(id)
             .execute(&mut *tx)
             .await?;
@@ -332,7 +329,9 @@ impl Service {
 /// container state, applied generation, status, status generation, status reason.
 type ReleasedRow = (String, i64, String, i64, String, i64, Option<String>);
 
-/// Marks released items applied, failed or skipped from what their containers reported.
+/// Marks released items applied, or skipped when their container went away. A failure report
+/// leaves an item in flight (the agent retries; a later success still counts) and is counted
+/// by [`item_counts`].
 pub(crate) async fn settle_released(
     tx: &mut Tx,
     rollout: &str,
@@ -351,9 +350,8 @@ pub(crate) async fn settle_released(
             ("applied", None)
         } else if state != "active" {
             ("skipped", Some(format!("container is {state}")))
-        } else if (status == "failed" || status == "refused") && status_generation >= target {
-            ("failed", reason)
         } else {
+            let _ = (status, status_generation, reason);
             continue;
         };
         sqlx::query(
@@ -379,6 +377,9 @@ struct Counts {
     skipped: u64,
 }
 
+/// Counts items by state. `failed` counts items in flight whose container reported a failure
+/// or refusal of the target generation (or a later one) since the rollout started or was last
+/// resumed.
 async fn item_counts(tx: &mut Tx, rollout: &str) -> Result<Counts, sqlx::Error> {
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT state, COUNT(*) FROM rollout_items WHERE rollout_id = $1 GROUP BY state",
@@ -386,14 +387,25 @@ async fn item_counts(tx: &mut Tx, rollout: &str) -> Result<Counts, sqlx::Error> 
     .bind(rollout)
     .fetch_all(&mut **tx)
     .await?;
-    let mut counts = Counts::default();
+    let failing: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM rollout_items ri JOIN containers c ON c.id = ri.container_id \
+         JOIN rollouts r ON r.id = ri.rollout_id \
+         WHERE ri.rollout_id = $1 AND ri.state = 'released' AND c.status IN ('failed', 'refused') \
+         AND c.status_generation >= ri.target_generation AND c.status_at >= r.resumed_at",
+    )
+    .bind(rollout)
+    .fetch_one(&mut **tx)
+    .await?;
+    let mut counts = Counts {
+        failed: to_u64(failing),
+        ..Counts::default()
+    };
     for (state, n) in rows {
         let n = to_u64(n);
         match state.as_str() {
             "pending" => counts.pending = n,
             "released" => counts.in_flight = n,
             "applied" => counts.applied = n,
-            "failed" => counts.failed = n,
             _ => counts.skipped += n,
         }
     }
@@ -425,7 +437,7 @@ async fn rollout_view(tx: &mut Tx, id: &str) -> ServiceResult<RolloutView> {
             max_in_flight: to_u64(row.try_get(4)?),
             failure_threshold: to_u64(row.try_get(5)?),
         },
-        total: counts.pending + counts.in_flight + counts.applied + counts.failed + counts.skipped,
+        total: counts.pending + counts.in_flight + counts.applied + counts.skipped,
         pending: counts.pending,
         in_flight: counts.in_flight,
         applied: counts.applied,
