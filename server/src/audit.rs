@@ -9,6 +9,7 @@
 use sha2::{Digest as _, Sha256};
 
 use crate::api::AuditEntry;
+use crate::store::bulk::{self, Value};
 use crate::store::{StoreError, Tx, to_i64, to_u64};
 
 /// Hash of the (empty) predecessor of the first entry.
@@ -126,6 +127,7 @@ pub async fn append(tx: &mut Tx, now: u64, entries: &[NewEntry<'_>]) -> Result<(
             .fetch_one(&mut **tx)
             .await?;
     let mut seq = to_u64(seq);
+    let mut rows = Vec::with_capacity(entries.len());
     for entry in entries {
         seq += 1;
         let details = entry.details.to_string();
@@ -138,22 +140,24 @@ pub async fn append(tx: &mut Tx, now: u64, entries: &[NewEntry<'_>]) -> Result<(
             &details,
             &prev,
         );
-        sqlx::query(
-            "INSERT INTO audit (seq, at, actor, action, subject, details, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(to_i64(seq))
-        .bind(to_i64(now))
-        .bind(entry.actor)
-        .bind(entry.action)
-        .bind(entry.subject)
-        .bind(&details)
-        .bind(&prev)
-        .bind(&hash)
-        .execute(&mut **tx)
-        .await?;
+        rows.push(vec![
+            Value::Int(to_i64(seq)),
+            Value::Int(to_i64(now)),
+            Value::Text(entry.actor.to_string()),
+            Value::Text(entry.action.to_string()),
+            Value::Text(entry.subject.to_string()),
+            Value::Text(details),
+            Value::Text(prev),
+            Value::Text(hash.clone()),
+        ]);
         prev = hash;
     }
+    bulk::insert(
+        tx,
+        "audit (seq, at, actor, action, subject, details, prev_hash, hash)",
+        rows,
+    )
+    .await?;
     sqlx::query("UPDATE meta SET audit_head_seq = $1, audit_head_hash = $2 WHERE id = 1")
         .bind(to_i64(seq))
         .bind(&prev)

@@ -969,3 +969,157 @@ async fn f_create(op: &ApiClient, node: &str) -> AccessKeyResponse {
     .await
     .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_agent_stops_and_refuses_to_start_again() {
+    let mut f = fixture().await;
+    let _: NodeView =
+        f.op.post_json(
+            &format!("/v1/nodes/{}/evict", f.node),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    let status = f
+        .agent
+        .wait_exit(Duration::from_secs(60))
+        .expect("the agent stops after eviction");
+    assert_eq!(status.code(), Some(3), "{}", f.agent.log());
+    assert!(f.agent.log().contains("evicted"), "{}", f.agent.log());
+    let marks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.agent.state().join("marks.json")).unwrap())
+            .unwrap();
+    assert_eq!(marks["evicted"], true);
+
+    // A restart applies nothing and exits the same way.
+    f.agent.start();
+    let status = f
+        .agent
+        .wait_exit(Duration::from_secs(30))
+        .expect("the restarted agent stops");
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(node_objects(&f.node), (vec![], vec![]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_policy_stop_containers_stop_when_the_snapshot_expires_and_start_when_the_server_returns()
+ {
+    base_image_id();
+    let node = unique("ex");
+    let _cleanup = Cleanup::new(&[&node]);
+    let options = ServerOptions {
+        extra_args: ["--snapshot-ttl-secs", "6", "--watch-max-wait-secs", "2"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        ..ServerOptions::default()
+    };
+    let mut server = TestServer::start(options);
+    let mut agent = TestAgent::enroll_and_start_with(
+        &server,
+        &node,
+        &["--expiry-policy", "stop", "--watch-wait-secs", "2"],
+        &[],
+    )
+    .await;
+    let op = server.operator();
+    wait_for_inventory(&op, &node).await;
+    let created: AccessKeyResponse = op
+        .post_json(
+            "/v1/containers",
+            &request(&node, "web", free_port(), &[], vec![]),
+        )
+        .await
+        .unwrap();
+    wait_applied(&op, &created.container.id, 1).await;
+    let (containers, _) = objects_of(&created.container.id);
+    let running = || {
+        docker::docker(&["inspect", "--format", "{{.State.Running}}", &containers[0]])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(running(), "true");
+
+    // The server goes away; once the last snapshot expired the agent stops the container.
+    server.stop();
+    wait::until("the container to stop", Duration::from_secs(60), || async {
+        (running() == "false").then_some(())
+    })
+    .await;
+    assert!(agent.log().contains("policy stop"), "{}", agent.log());
+    // Nothing was removed, and the agent itself keeps running and retrying.
+    assert_eq!(objects_of(&created.container.id).0, containers);
+    assert!(agent.is_running());
+
+    // The server returns; the agent starts the same container again.
+    server.start_again();
+    wait::until(
+        "the container to run again",
+        Duration::from_secs(90),
+        || async { (running() == "true").then_some(()) },
+    )
+    .await;
+    assert_eq!(objects_of(&created.container.id).0, containers);
+    agent.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_already_taken_is_reported_as_a_failure_with_the_reason() {
+    let f = fixture().await;
+    // Occupy the port on 127.0.0.1 so Docker cannot publish it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let created: AccessKeyResponse =
+        f.op.post_json(
+            "/v1/containers",
+            &request(&f.node, "web", port, &[], vec![]),
+        )
+        .await
+        .unwrap();
+    let view = wait_status(&f.op, &created.container.id, "failed").await;
+    let reason = view.status_reason.unwrap_or_default();
+    assert!(
+        reason.contains("address already in use") || reason.contains("port is already allocated"),
+        "{reason}"
+    );
+    // The failed attempt left no container behind, and the agent keeps running.
+    assert!(objects_of(&created.container.id).0.is_empty());
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_labelled_for_this_node_that_no_manifest_wants_are_removed() {
+    let f = fixture().await;
+    let stray_id = "c-0123456789abcdef";
+    let stray = docker::docker(&[
+        "create",
+        "--label",
+        &format!("io.keyward.node={}", f.node),
+        "--label",
+        &format!("io.keyward.container={stray_id}"),
+        "--label",
+        "io.keyward.generation=1",
+        docker::BASE_IMAGE,
+    ])
+    .trim()
+    .to_string();
+    // Any change makes the agent reconcile; a new container is one.
+    let created: AccessKeyResponse =
+        f.op.post_json(
+            "/v1/containers",
+            &request(&f.node, "web", free_port(), &[], vec![]),
+        )
+        .await
+        .unwrap();
+    wait_applied(&f.op, &created.container.id, 1).await;
+    wait::until(
+        "the stray to be removed",
+        Duration::from_secs(30),
+        || async { objects_of(stray_id).0.is_empty().then_some(()) },
+    )
+    .await;
+    let (gone, _) = docker::docker_try(&["inspect", &stray]);
+    assert!(!gone, "the stray container still exists");
+    // The wanted container is untouched.
+    assert_eq!(objects_of(&created.container.id).0.len(), 1);
+}

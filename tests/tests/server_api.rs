@@ -417,6 +417,113 @@ async fn every_endpoint_works_end_to_end(s: &TestServer) {
         "{metrics}"
     );
 
+    // The remaining operator endpoints: users' keys, groups and memberships, key revocation,
+    // listings, rollout resume.
+    let node2: NodeView = op.get_json("/v1/nodes/n1").await.unwrap();
+    assert_eq!(node2.containers, 0, "a destroyed container is not counted");
+    let second = create_container(&op, "n1", "second", &["ops"])
+        .await
+        .container
+        .id;
+    let bob_key = user_key("bob@laptop");
+    let _: ChangeOutcome = op
+        .post_json(
+            "/v1/users",
+            &CreateUserRequest {
+                name: "bob".into(),
+                keys: vec![],
+                groups: vec![],
+                rollout: RolloutOverrides::default(),
+            },
+        )
+        .await
+        .unwrap();
+    let added: ChangeOutcome = op
+        .post_json(
+            "/v1/users/bob/keys",
+            &keyward_server::api::AddUserKeyRequest {
+                key: bob_key,
+                rollout: RolloutOverrides::default(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (added.rollout, added.containers),
+        (None, 0),
+        "bob is in no group yet"
+    );
+    let member: ChangeOutcome = op
+        .post_json(
+            "/v1/groups/ops/members",
+            &keyward_server::api::AddMemberRequest {
+                user: "bob".into(),
+                rollout: RolloutOverrides::default(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(member.containers, 1);
+    let member_rollout = member.rollout.clone().unwrap();
+    wait::until(
+        "the release of bob's key",
+        Duration::from_secs(10),
+        || async {
+            let r: RolloutView = op
+                .get_json(&format!("/v1/rollouts/{member_rollout}"))
+                .await
+                .ok()?;
+            (r.pending == 0).then_some(())
+        },
+    )
+    .await;
+    let groups: Vec<GroupView> = op.get_json("/v1/groups").await.unwrap();
+    assert_eq!(
+        (
+            groups[0].name.as_str(),
+            groups[0].members.clone(),
+            groups[0].containers
+        ),
+        ("ops", vec!["bob".to_string()], 1)
+    );
+    let users: Vec<UserView> = op.get_json("/v1/users").await.unwrap();
+    let bob_key_id = users.iter().find(|u| u.name == "bob").unwrap().keys[0]
+        .id
+        .clone();
+    let revoked: ChangeOutcome = op
+        .post_json(
+            &format!("/v1/keys/{bob_key_id}/revoke"),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        revoked.containers, 1,
+        "the container that received bob's key rolls again"
+    );
+    let left: ChangeOutcome = op.delete_json("/v1/groups/ops/members/bob").await.unwrap();
+    assert_eq!(left.containers, 1);
+    let gone: ChangeOutcome = op.delete_json("/v1/groups/ops").await.unwrap();
+    assert_eq!(gone.containers, 1);
+    let containers: Vec<ContainerView> = op.get_json("/v1/containers?node=n1").await.unwrap();
+    assert_eq!(containers.len(), 2);
+    assert!(
+        containers
+            .iter()
+            .any(|c| c.id == second && c.groups.is_empty())
+    );
+    let rollouts: Vec<RolloutView> = op.get_json("/v1/rollouts").await.unwrap();
+    assert!(rollouts.len() >= 4, "{rollouts:?}");
+    let running = rollouts.iter().find(|r| r.state != "paused").unwrap();
+    let err = op
+        .post_json::<_, RolloutView>(
+            &format!("/v1/rollouts/{}/resume", running.id),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(409), Some("conflict")));
+
     // Eviction.
     let evicted: NodeView = op
         .post_json("/v1/nodes/n1/evict", &serde_json::json!({}))

@@ -21,6 +21,7 @@ use super::issue::{ContainerRecord, Grants, IfUnchanged, IssueBatch, Issued};
 use super::{Service, ServiceError, ServiceResult, new_id, now};
 use crate::api::{RolloutOverrides, RolloutPolicy, RolloutView};
 use crate::audit::{self, NewEntry};
+use crate::store::bulk;
 use crate::store::{Tx, to_i64, to_u64};
 
 /// How often the driver looks at running rollouts when nothing wakes it.
@@ -172,55 +173,53 @@ impl Service {
             .fetch_all(&mut *tx)
             .await?;
             let grants = Grants::load(&mut tx).await?;
-            for container in pending {
-                let record = ContainerRecord::load(&mut tx, &container).await?;
-                let outcome = match &record {
-                    Some(c) if c.state == "active" => {
-                        self.issue(
-                            &mut tx,
-                            &IssueBatch {
-                                revision,
-                                grants: &grants,
-                                actor: "server",
-                            },
-                            c,
-                            Action::Run,
-                            IfUnchanged::Skip,
-                        )
-                        .await?
-                    }
-                    _ => Issued::Unchanged,
-                };
-                match (outcome, record) {
-                    (Issued::New { generation }, Some(c)) => {
-                        sqlx::query(
-                            "UPDATE rollout_items SET state = 'released', target_generation = $1, batch = $2, \
-                             released_at = $3 WHERE rollout_id = $4 AND container_id = $5",
-                        )
-                        .bind(to_i64(generation))
-                        .bind(batch)
-                        .bind(to_i64(at))
-                        .bind(id)
-                        .bind(&container)
-                        .execute(&mut *tx)
-                        .await?;
-                        nodes.insert(c.node_id);
-                        released += 1;
-                    }
-                    _ => {
-                        sqlx::query(
-                            "UPDATE rollout_items SET state = 'skipped', finished_at = $1, \
-                             reason = 'nothing to change or container gone' \
-                             WHERE rollout_id = $2 AND container_id = $3",
-                        )
-                        .bind(to_i64(at))
-                        .bind(id)
-                        .bind(&container)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
+            let records: Vec<ContainerRecord> = ContainerRecord::load_many(&mut tx, &pending)
+                .await?
+                .into_iter()
+                .filter(|c| c.state == "active")
+                .collect();
+            let issue = IssueBatch {
+                revision,
+                grants: &grants,
+                actor: "server",
+            };
+            let outcomes = self
+                .issue_many(&mut tx, &issue, &records, Action::Run, IfUnchanged::Skip)
+                .await?;
+            let mut issued = Vec::new();
+            for (c, outcome) in records.iter().zip(outcomes) {
+                if let Issued::New { .. } = outcome {
+                    issued.push(c.id.clone());
+                    nodes.insert(c.node_id.clone());
                 }
             }
+            released = issued.len() as u64;
+
+            // Released items target the generation just issued; the rest had nothing to change
+            // (or their container is no longer active).
+            bulk::execute_in(
+                &mut tx,
+                &format!(
+                    "UPDATE rollout_items SET state = 'released', batch = {batch}, released_at = {at}, \
+                     target_generation = (SELECT c.generation FROM containers c WHERE c.id = rollout_items.container_id) \
+                     WHERE rollout_id = '{id}' AND container_id IN"
+                ),
+                &issued,
+            )
+            .await?;
+            let skipped: Vec<String> = pending
+                .into_iter()
+                .filter(|c| !issued.contains(c))
+                .collect();
+            bulk::execute_in(
+                &mut tx,
+                &format!(
+                    "UPDATE rollout_items SET state = 'skipped', finished_at = {at}, \
+                     reason = 'nothing to change or container gone' WHERE rollout_id = '{id}' AND container_id IN"
+                ),
+                &skipped,
+            )
+            .await?;
         }
 
         let counts = item_counts(&mut tx, id).await?;

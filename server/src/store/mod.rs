@@ -8,6 +8,7 @@
 //! Changes that concern a node are announced after commit through [`crate::watch::WatchHub`];
 //! with PostgreSQL they also go out with `NOTIFY`, so watchers on other replicas wake too.
 
+pub mod bulk;
 mod migrate;
 
 use std::path::Path;

@@ -35,6 +35,9 @@ enum Which {
         /// Runs per backend.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// SQLite only (skip PostgreSQL).
+        #[arg(long)]
+        sqlite_only: bool,
     },
     /// Revocation fan-out to long-polling agents.
     Fanout {
@@ -77,23 +80,28 @@ fn main() {
             Which::All => {
                 if smoke {
                     bench::provision::run(1).await;
-                    bench::issuance::run(50, 1).await;
+                    bench::issuance::run(50, 1, true).await;
                     bench::fanout::run(5, 1).await;
                     bench::scale::run(&[5, 10], 10).await;
                     bench::footprint::run(1, Duration::from_secs(2)).await;
                 } else {
                     bench::provision::run(10).await;
-                    bench::issuance::run(10_000, 3).await;
+                    bench::issuance::run(10_000, 3, true).await;
                     bench::fanout::run(1000, 3).await;
                     bench::scale::run(&[1000, 5000, 10_000], 2000).await;
                     bench::footprint::run(20, Duration::from_secs(60)).await;
                 }
             }
             Which::Provision { runs } => bench::provision::run(if smoke { 1 } else { runs }).await,
-            Which::Issuance { containers, runs } => {
+            Which::Issuance {
+                containers,
+                runs,
+                sqlite_only,
+            } => {
                 bench::issuance::run(
                     if smoke { 50 } else { containers },
                     if smoke { 1 } else { runs },
+                    !sqlite_only,
                 )
                 .await
             }
