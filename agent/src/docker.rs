@@ -112,6 +112,26 @@ pub struct Objects {
     pub images: Vec<ManagedImage>,
 }
 
+impl Objects {
+    /// The objects of keyward container `id`.
+    pub fn of(&self, id: &str) -> Objects {
+        Objects {
+            containers: self
+                .containers
+                .iter()
+                .filter(|c| c.container == id)
+                .cloned()
+                .collect(),
+            images: self
+                .images
+                .iter()
+                .filter(|i| i.container == id)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
 /// Secret bytes handed to the HTTP client as a request body; overwritten when the client drops
 /// its last reference.
 struct WipeOnDrop(Vec<u8>);

@@ -140,7 +140,7 @@ impl Reconciler {
                 tracing::info_span!("reconcile", container = %id, generation = manifest.generation);
             let report = match manifest.action {
                 Action::Destroy => {
-                    self.wipe(id.as_str(), manifest.generation)
+                    self.wipe(id.as_str(), manifest.generation, objects.of(id.as_str()))
                         .instrument(span)
                         .await
                 }
@@ -171,7 +171,7 @@ impl Reconciler {
                 .max()
                 .unwrap_or(0);
             tracing::info!(container = %stray, "removing objects no manifest wants");
-            reports.extend(self.wipe(&stray, generation).await);
+            reports.extend(self.wipe(&stray, generation, objects.of(&stray)).await);
         }
         Ok(reports)
     }
@@ -393,21 +393,15 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Removes every object of keyward container `id` and checks that none remains.
-    async fn wipe(&mut self, id: &str, generation: u64) -> Option<ContainerReport> {
-        if self.reported.get(id) == Some(&(generation, "wiped")) {
-            // Already wiped and reported; only check nothing came back.
-            let cid: Option<ContainerId> = id.parse().ok();
-            if self
-                .engine
-                .objects(cid.as_ref())
-                .await
-                .is_ok_and(|o| o.containers.is_empty() && o.images.is_empty())
-            {
-                return None;
-            }
+    /// Removes every object of keyward container `id` and checks that none remains. `found` is
+    /// what this pass already listed for it (saving the engine a second listing).
+    async fn wipe(&mut self, id: &str, generation: u64, found: Objects) -> Option<ContainerReport> {
+        let nothing_left = found.containers.is_empty() && found.images.is_empty();
+        if nothing_left && self.reported.get(id) == Some(&(generation, "wiped")) {
+            // Already wiped and reported, and nothing came back.
+            return None;
         }
-        let outcome = match self.try_wipe(id).await {
+        let outcome = match self.try_wipe(id, found).await {
             Ok(removed) => {
                 tracing::info!(container = id, removed = removed.len(), "container wiped");
                 Outcome::Wiped { removed }
@@ -420,17 +414,12 @@ impl Reconciler {
         self.report(id, generation, outcome)
     }
 
-    async fn try_wipe(&self, id: &str) -> Result<Vec<String>, String> {
+    async fn try_wipe(&self, id: &str, found: Objects) -> Result<Vec<String>, String> {
         let cid: ContainerId = id
             .parse()
             .map_err(|e: keyward_common::ids::IdError| e.to_string())?;
-        let objects = self
-            .engine
-            .objects(Some(&cid))
-            .await
-            .map_err(|e| e.to_string())?;
         let mut removed = Vec::new();
-        for c in &objects.containers {
+        for c in &found.containers {
             self.engine
                 .remove_container(&c.id)
                 .await
@@ -438,7 +427,7 @@ impl Reconciler {
             removed.push(c.id.clone());
         }
         failpoint::hit("during-destroy");
-        let images: Vec<String> = objects.images.iter().map(|i| i.id.clone()).collect();
+        let images: Vec<String> = found.images.iter().map(|i| i.id.clone()).collect();
         removed.extend(
             self.engine
                 .remove_images(&images, &[])
@@ -447,7 +436,8 @@ impl Reconciler {
         );
 
         // The classic builder keeps no build cache beyond the intermediate images removed above
-        // (they carry the same labels); check that nothing with the labels is left.
+        // (they carry the same labels); check through the engine that nothing with the labels
+        // is left.
         let left = self
             .engine
             .objects(Some(&cid))
@@ -484,7 +474,7 @@ impl Reconciler {
             .chain(objects.images.iter().map(|i| i.container.clone()))
             .collect();
         for id in ids {
-            if let Err(reason) = self.try_wipe(&id).await {
+            if let Err(reason) = self.try_wipe(&id, objects.of(&id)).await {
                 tracing::warn!(container = %id, %reason, "wipe on expiry failed");
             }
             self.reported.remove(&id);

@@ -1015,13 +1015,8 @@ async fn with_policy_stop_containers_stop_when_the_snapshot_expires_and_start_wh
         ..ServerOptions::default()
     };
     let mut server = TestServer::start(options);
-    let mut agent = TestAgent::enroll_and_start_with(
-        &server,
-        &node,
-        &["--expiry-policy", "stop", "--watch-wait-secs", "2"],
-        &[],
-    )
-    .await;
+    let mut agent =
+        TestAgent::enroll_and_start_with(&server, &node, &["--expiry-policy", "stop"], &[]).await;
     let op = server.operator();
     wait_for_inventory(&op, &node).await;
     let created: AccessKeyResponse = op

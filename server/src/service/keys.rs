@@ -102,12 +102,8 @@ impl Service {
         let count = holders.len() as u64;
         let reason = format!("key {id} revoked");
         let rollout = self
-            .start_rollout(&mut tx, revision, actor, &reason, &holders, policy)
+            .start_rollout_and_commit(tx, revision, actor, &reason, &holders, policy)
             .await?;
-        tx.commit().await?;
-        if rollout.is_some() {
-            self.rollout_wake.notify_one();
-        }
         Ok(ChangeOutcome {
             rollout,
             containers: count,

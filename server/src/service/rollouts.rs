@@ -21,8 +21,23 @@ use super::issue::{ContainerRecord, Grants, IfUnchanged, IssueBatch, Issued};
 use super::{Service, ServiceError, ServiceResult, new_id, now};
 use crate::api::{RolloutOverrides, RolloutPolicy, RolloutView};
 use crate::audit::{self, NewEntry};
-use crate::store::bulk;
+use crate::store::bulk::{self, Value};
 use crate::store::{Tx, to_i64, to_u64};
+
+/// What one rollout step did.
+#[derive(Debug, Default)]
+pub(crate) struct Step {
+    /// Nodes that got new generations.
+    pub nodes: Vec<String>,
+    /// Containers released.
+    pub released: u64,
+    /// Whether the rollout completed.
+    pub completed: bool,
+    /// Whether the rollout paused at its failure threshold.
+    pub paused: bool,
+    /// Whether more could be released right away.
+    pub room_left: bool,
+}
 
 /// How often the driver looks at running rollouts when nothing wakes it.
 const DRIVER_TICK: Duration = Duration::from_secs(2);
@@ -91,6 +106,33 @@ impl Service {
         Ok(Some(id))
     }
 
+    /// Starts a rollout over `containers` in `tx` (if any), releases its first batch in the
+    /// same transaction, and commits. Returns the rollout's id.
+    pub(crate) async fn start_rollout_and_commit(
+        &self,
+        mut tx: Tx,
+        revision: u64,
+        actor: &str,
+        reason: &str,
+        containers: &[String],
+        policy: RolloutOverrides,
+    ) -> ServiceResult<Option<String>> {
+        let Some(id) = self
+            .start_rollout(&mut tx, revision, actor, reason, containers, policy)
+            .await?
+        else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let step = self.step_in(&mut tx, revision, &id).await?;
+        self.store
+            .notify_nodes(&mut tx, &step.nodes, revision)
+            .await?;
+        tx.commit().await?;
+        self.after_step(&id, revision, &step);
+        Ok(Some(id))
+    }
+
     /// Advances every running rollout by one step.
     pub async fn drive_rollouts(&self) -> ServiceResult<()> {
         let running: Vec<String> = sqlx::query_scalar(
@@ -108,15 +150,52 @@ impl Service {
     /// batch, complete when everything settled.
     async fn step_rollout(&self, id: &str) -> ServiceResult<()> {
         let (mut tx, revision) = self.store.write().await?;
+        let step = self.step_in(&mut tx, revision, id).await?;
+        self.store
+            .notify_nodes(&mut tx, &step.nodes, revision)
+            .await?;
+        tx.commit().await?;
+        self.after_step(id, revision, &step);
+        Ok(())
+    }
+
+    /// Logs a step and wakes whoever it concerns, after its transaction committed.
+    pub(crate) fn after_step(&self, id: &str, revision: u64, step: &Step) {
+        self.announce(&step.nodes, revision);
+        if step.paused {
+            tracing::warn!(rollout = %id, "rollout paused at its failure threshold");
+        }
+        if step.released > 0 {
+            tracing::info!(rollout = %id, released = step.released, "rollout batch released");
+        }
+        if step.completed {
+            tracing::info!(rollout = %id, "rollout completed");
+        } else if step.room_left {
+            // Room is left: release more right away instead of waiting for the tick.
+            self.rollout_wake.notify_one();
+        }
+    }
+
+    /// One step of rollout `id` inside `tx`: settle released items, pause on failures, release
+    /// the next batch, complete when everything settled. The changes that start a rollout run
+    /// its first step in their own transaction, so the first batch is committed together with
+    /// the change (a revocation reaches agents without waiting for the driver).
+    pub(crate) async fn step_in(
+        &self,
+        tx: &mut Tx,
+        revision: u64,
+        id: &str,
+    ) -> ServiceResult<Step> {
+        let mut step = Step::default();
         let row = sqlx::query(
             "SELECT state, batch_size, max_in_flight, failure_threshold FROM rollouts WHERE id = $1",
         )
         .bind(id)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
         let state: String = row.try_get(0)?;
         if state != "running" {
-            return Ok(());
+            return Ok(step);
         }
         let policy = RolloutPolicy {
             batch_size: to_u64(row.try_get(1)?),
@@ -124,17 +203,17 @@ impl Service {
             failure_threshold: to_u64(row.try_get(3)?),
         };
         let at = now();
-        settle_released(&mut tx, id, at).await?;
+        settle_released(tx, id, at).await?;
 
-        let counts = item_counts(&mut tx, id).await?;
+        let counts = item_counts(tx, id).await?;
         if counts.failed >= policy.failure_threshold {
             sqlx::query("UPDATE rollouts SET state = 'paused' WHERE id = $1")
                 .bind(id)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             let details = serde_json::json!({ "failed": counts.failed, "threshold": policy.failure_threshold });
             audit::append(
-                &mut tx,
+                tx,
                 at,
                 &[NewEntry {
                     actor: "server",
@@ -144,9 +223,8 @@ impl Service {
                 }],
             )
             .await?;
-            tx.commit().await?;
-            tracing::warn!(rollout = %id, failed = counts.failed, "rollout paused at its failure threshold");
-            return Ok(());
+            step.paused = true;
+            return Ok(step);
         }
 
         // Release the next batch within the in-flight budget.
@@ -161,7 +239,7 @@ impl Service {
                 "SELECT COALESCE(MAX(batch), 0) FROM rollout_items WHERE rollout_id = $1",
             )
             .bind(id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut **tx)
             .await?;
             let batch = batch + 1;
             let pending: Vec<String> = sqlx::query_scalar(
@@ -170,10 +248,10 @@ impl Service {
             )
             .bind(id)
             .bind(to_i64(room))
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut **tx)
             .await?;
-            let grants = Grants::load(&mut tx).await?;
-            let records: Vec<ContainerRecord> = ContainerRecord::load_many(&mut tx, &pending)
+            let grants = Grants::load(tx).await?;
+            let records: Vec<ContainerRecord> = ContainerRecord::load_many(tx, &pending)
                 .await?
                 .into_iter()
                 .filter(|c| c.state == "active")
@@ -184,7 +262,7 @@ impl Service {
                 actor: "server",
             };
             let outcomes = self
-                .issue_many(&mut tx, &issue, &records, Action::Run, IfUnchanged::Skip)
+                .issue_many(tx, &issue, &records, Action::Run, IfUnchanged::Skip)
                 .await?;
             let mut issued = Vec::new();
             for (c, outcome) in records.iter().zip(outcomes) {
@@ -195,44 +273,57 @@ impl Service {
             }
             released = issued.len() as u64;
 
-            // Released items target the generation just issued; the rest had nothing to change
-            // (or their container is no longer active).
-            bulk::execute_in(
-                &mut tx,
-                &format!(
-                    "UPDATE rollout_items SET state = 'released', batch = {batch}, released_at = {at}, \
-                     target_generation = (SELECT c.generation FROM containers c WHERE c.id = rollout_items.container_id) \
-                     WHERE rollout_id = '{id}' AND container_id IN"
-                ),
-                &issued,
-            )
-            .await?;
+            // Items with nothing to change (or whose container is no longer active) are
+            // skipped; the rest target the generation just issued.
+            let issued_set: std::collections::HashSet<&String> = issued.iter().collect();
             let skipped: Vec<String> = pending
-                .into_iter()
-                .filter(|c| !issued.contains(c))
+                .iter()
+                .filter(|c| !issued_set.contains(c))
+                .cloned()
                 .collect();
-            bulk::execute_in(
-                &mut tx,
-                &format!(
-                    "UPDATE rollout_items SET state = 'skipped', finished_at = {at}, \
-                     reason = 'nothing to change or container gone' WHERE rollout_id = '{id}' AND container_id IN"
-                ),
+            let leading = [Value::Int(to_i64(at)), Value::Text(id.to_string())];
+            bulk::execute_in_with(
+                tx,
+                "UPDATE rollout_items SET state = 'skipped', finished_at = $1, \
+                 reason = 'nothing to change or container gone' WHERE rollout_id = $2 AND container_id IN",
+                &leading,
                 &skipped,
             )
             .await?;
+            let leading = [
+                Value::Int(batch),
+                Value::Int(to_i64(at)),
+                Value::Text(id.to_string()),
+            ];
+            const RELEASE: &str = "UPDATE rollout_items SET state = 'released', batch = $1, released_at = $2, \
+                 target_generation = (SELECT c.generation FROM containers c WHERE c.id = rollout_items.container_id) \
+                 WHERE rollout_id = $3 AND state = 'pending'";
+            if pending.len() as u64 == counts.pending {
+                // Every pending item was taken: what is still pending is exactly what was issued,
+                // and no list of ids is needed.
+                bulk::execute(tx, RELEASE, &leading).await?;
+            } else {
+                bulk::execute_in_with(
+                    tx,
+                    &format!("{RELEASE} AND container_id IN"),
+                    &leading,
+                    &issued,
+                )
+                .await?;
+            }
         }
 
-        let counts = item_counts(&mut tx, id).await?;
+        let counts = item_counts(tx, id).await?;
         let completed = counts.pending == 0 && counts.in_flight == 0;
         if completed {
             sqlx::query("UPDATE rollouts SET state = 'completed', finished_at = $1 WHERE id = $2")
                 .bind(to_i64(at))
                 .bind(id)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             let details = serde_json::json!({ "applied": counts.applied, "skipped": counts.skipped, "failed": counts.failed });
             audit::append(
-                &mut tx,
+                tx,
                 at,
                 &[NewEntry {
                     actor: "server",
@@ -243,20 +334,12 @@ impl Service {
             )
             .await?;
         }
-        let nodes: Vec<String> = nodes.into_iter().collect();
-        self.store.notify_nodes(&mut tx, &nodes, revision).await?;
-        tx.commit().await?;
-        self.announce(&nodes, revision);
-        if released > 0 {
-            tracing::info!(rollout = %id, released, "rollout batch released");
-        }
-        if completed {
-            tracing::info!(rollout = %id, "rollout completed");
-        } else if released > 0 && counts.pending > 0 && counts.in_flight < policy.max_in_flight {
-            // Room is left: release more right away instead of waiting for the tick.
-            self.rollout_wake.notify_one();
-        }
-        Ok(())
+        step.nodes = nodes.into_iter().collect();
+        step.released = released;
+        step.completed = completed;
+        step.room_left =
+            released > 0 && counts.pending > 0 && counts.in_flight < policy.max_in_flight;
+        Ok(step)
     }
 
     /// Resumes a paused rollout: only failures reported after now count toward its threshold.

@@ -470,12 +470,8 @@ impl Service {
         audit::append(&mut tx, at, &entries).await?;
         let count = affected.len() as u64;
         let rollout = self
-            .start_rollout(&mut tx, revision, actor, reason, &affected, policy)
+            .start_rollout_and_commit(tx, revision, actor, reason, &affected, policy)
             .await?;
-        tx.commit().await?;
-        if rollout.is_some() {
-            self.rollout_wake.notify_one();
-        }
         Ok(ChangeOutcome {
             rollout,
             containers: count,

@@ -58,16 +58,43 @@ pub async fn select_in(
 
 /// Runs `prefix (ids...)` (an `UPDATE` or `DELETE` ending in `IN`) for chunks of `ids`.
 pub async fn execute_in(tx: &mut Tx, prefix: &str, ids: &[String]) -> Result<u64, StoreError> {
+    execute_in_with(tx, prefix, &[], ids).await
+}
+
+/// Like [`execute_in`], with `leading` values bound to `$1..$k` in `prefix` before the list.
+pub async fn execute_in_with(
+    tx: &mut Tx,
+    prefix: &str,
+    leading: &[Value],
+    ids: &[String],
+) -> Result<u64, StoreError> {
     let mut affected = 0;
     for chunk in ids.chunks(IN_CHUNK) {
-        let sql = format!("{prefix} ({})", placeholders(1, chunk.len()));
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            query = query.bind(id);
-        }
+        let sql = format!(
+            "{prefix} ({})",
+            placeholders(leading.len() + 1, chunk.len())
+        );
+        let query = bind_all(sqlx::query(AssertSqlSafe(sql)), leading);
+        let query = chunk.iter().fold(query, |q, id| q.bind(id));
         affected += query.execute(&mut **tx).await?.rows_affected();
     }
     Ok(affected)
+}
+
+/// Runs one statement with `values` bound to `$1..$n`.
+pub async fn execute(tx: &mut Tx, sql: &'static str, values: &[Value]) -> Result<u64, StoreError> {
+    let query = bind_all(sqlx::query(sql), values);
+    Ok(query.execute(&mut **tx).await?.rows_affected())
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+fn bind_all<'q>(query: AnyQuery<'q>, values: &[Value]) -> AnyQuery<'q> {
+    values.iter().fold(query, |q, value| match value {
+        Value::Text(v) => q.bind(v.clone()),
+        Value::Int(v) => q.bind(*v),
+        Value::Blob(v) => q.bind(v.clone()),
+    })
 }
 
 /// Inserts `rows` into `target` (`table (col, ...)`), many rows per statement. Every row has
@@ -82,15 +109,10 @@ pub async fn insert(tx: &mut Tx, target: &str, rows: Vec<Vec<Value>>) -> Result<
             .map(|r| format!("({})", placeholders(r * width + 1, width)))
             .collect();
         let sql = format!("INSERT INTO {target} VALUES {}", values.join(", "));
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for value in chunk.iter().flatten() {
-            query = match value {
-                Value::Text(v) => query.bind(v.clone()),
-                Value::Int(v) => query.bind(*v),
-                Value::Blob(v) => query.bind(v.clone()),
-            };
-        }
-        query.execute(&mut **tx).await?;
+        let flat: Vec<Value> = chunk.iter().flatten().cloned().collect();
+        bind_all(sqlx::query(AssertSqlSafe(sql)), &flat)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }

@@ -106,6 +106,8 @@ impl BareServer {
                             let park = req.uri().path() == "/park";
                             let _ = req.into_body().collect().await;
                             if park {
+                                // Wait for the next release, not one that happened before.
+                                released.borrow_and_update();
                                 let _ = released.changed().await;
                             }
                             Ok::<_, Infallible>(Response::new(Full::new(body)))

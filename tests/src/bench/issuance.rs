@@ -1,6 +1,7 @@
 //! Issuance: a rollout that derives, signs and stores a new generation for every one of N
 //! containers in one release, on SQLite and on PostgreSQL, against the raw ed25519 signing rate
-//! measured in the same process.
+//! measured in the same process. The figure is the whole change: adding a user to the group
+//! every container grants, which creates the rollout and releases all N in one transaction.
 //!
 //! The server's service layer runs in this process (the same code `keyward-server` runs) so the
 //! figure is the issuing itself, not HTTP. The N containers are seeded directly in the store (a
@@ -152,6 +153,10 @@ async fn issue_all(database_url: Option<String>, count: usize) -> (f64, u64) {
         max_in_flight: all,
         failure_threshold: Some(1),
     };
+
+    // Adding the user to the group starts a rollout over every container and releases its
+    // first batch (all of them) in the same transaction: derive, sign, store, commit.
+    let started = Instant::now();
     let change = service
         .add_member(
             "operator/bench",
@@ -163,12 +168,8 @@ async fn issue_all(database_url: Option<String>, count: usize) -> (f64, u64) {
         )
         .await
         .unwrap();
-    let rollout = change.rollout.expect("a rollout");
-
-    // One driver step releases everything: derive, sign, store, in one transaction.
-    let started = Instant::now();
-    service.drive_rollouts().await.unwrap();
     let elapsed = started.elapsed().as_secs_f64();
+    let rollout = change.rollout.expect("a rollout");
     let view: RolloutView = service.show_rollout(&rollout).await.unwrap();
     service.store.close().await;
     (elapsed, view.in_flight)

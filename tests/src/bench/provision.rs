@@ -87,13 +87,23 @@ fn unix_nanos() -> u128 {
         .unwrap_or(0)
 }
 
-/// The same build context the agent sends: a Dockerfile `FROM` the base image id adding an
-/// archive of an authorized_keys file and a host key (mode 0400, root), built with the same four
-/// labels, no cache and intermediate containers removed.
-fn baseline_context(dir: &std::path::Path, base: &str, authorized: &str, host_key: &str) {
+/// The same build context the agent sends: the agent's Dockerfile (`FROM` the base image id,
+/// one `LABEL` line with the four keyward labels, `ADD` of an archive holding an authorized_keys
+/// file and a host key, mode 0400, root) built without cache, intermediate containers removed.
+fn baseline_context(
+    dir: &std::path::Path,
+    base: &str,
+    label: &str,
+    authorized: &str,
+    host_key: &str,
+) {
+    let (key, value) = label.split_once('=').expect("key=value");
     std::fs::write(
         dir.join("Dockerfile"),
-        format!("FROM {base}\nADD [\"files.tar\", \"/\"]\n"),
+        format!(
+            "FROM {base}\nLABEL \"io.keyward.container\"=\"x\" \"io.keyward.digest\"=\"x\" \
+             \"io.keyward.generation\"=\"1\" \"{key}\"=\"{value}\"\nADD [\"files.tar\", \"/\"]\n"
+        ),
     )
     .unwrap();
     let mut builder = tar::Builder::new(Vec::new());
@@ -179,7 +189,7 @@ pub async fn run(runs: usize) {
         // Baseline: docker build + docker run of the same context.
         let key = created.access_private_key.expose().to_string();
         let authorized = format!("{}\n", ssh_public(&key));
-        baseline_context(dir.path(), &base, &authorized, &key);
+        baseline_context(dir.path(), &base, &label, &authorized, &key);
         let name = format!("kwbench-{}", unique("b"));
         let t = Instant::now();
         let image = run_ok(&[
@@ -188,14 +198,6 @@ pub async fn run(runs: usize) {
             "--no-cache",
             "--rm",
             "--force-rm",
-            "--label",
-            &label,
-            "--label",
-            "io.keyward.container=x",
-            "--label",
-            "io.keyward.generation=1",
-            "--label",
-            "io.keyward.digest=x",
             dir.path().to_str().unwrap(),
         ]);
         let port = free_port();
@@ -272,7 +274,7 @@ async fn create(op: &ApiClient, node: &str, name: &str) -> AccessKeyResponse {
         .expect("create")
 }
 
-/// Polls every 10 ms (finer than the harness's 100 ms, which would blur sub-second timings).
+/// Polls every 5 ms (finer than the harness's 100 ms, which would blur sub-second timings).
 async fn wait_view(op: &ApiClient, id: &str, done: impl Fn(&ContainerView) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -287,6 +289,6 @@ async fn wait_view(op: &ApiClient, id: &str, done: impl Fn(&ContainerView) -> bo
             Instant::now() < deadline,
             "container {id} did not reach the state"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
