@@ -47,7 +47,8 @@ pub enum AgentError {
     State(#[from] crate::state::StateError),
     /// The node was evicted; the agent applies nothing more.
     #[error(
-        "this node was evicted by an operator; it applies nothing more. Enroll the host again under a new node id."
+        "this node was evicted by an operator; it applies nothing more. Enroll the host again \
+         under a new node id."
     )]
     Evicted,
     /// The settings are invalid.
@@ -170,12 +171,21 @@ impl Agent {
                     desired.insert(id.clone(), verified);
                 }
                 Err(e) => {
-                    tracing::error!(container = %id, error = %e, "stored manifest does not verify; asking the server again");
+                    tracing::error!(
+                        container = %id,
+                        error = %e,
+                        "stored manifest does not verify; asking the server again",
+                    );
                     resync = true;
                 }
             }
         }
-        tracing::info!(node = %identity.node, server = %identity.server_url, containers = desired.len(), "agent started");
+        tracing::info!(
+            node = %identity.node,
+            server = %identity.server_url,
+            containers = desired.len(),
+            "agent started",
+        );
         let reconciler = Reconciler::new(engine, args.health_wait());
         Ok(Some(Self {
             args,
@@ -215,7 +225,9 @@ impl Agent {
             );
             let deadline = Duration::from_secs(self.args.watch_wait_secs + 15);
             let answer = tokio::select! {
-                r = self.client.send_with_timeout(hyper::Method::GET, &path, None, deadline) => r.and_then(|r| r.json::<WatchResponse>()),
+                r = self.client.send_with_timeout(hyper::Method::GET, &path, None, deadline) => {
+                    r.and_then(|r| r.json::<WatchResponse>())
+                }
                 _ = shutdown.changed() => continue,
             };
             match answer {
@@ -231,7 +243,11 @@ impl Agent {
                 }
                 Err(e) => {
                     let delay = backoff.next();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "watch failed");
+                    tracing::warn!(
+                        error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "watch failed",
+                    );
                     self.apply_expiry_policy().await;
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -326,7 +342,12 @@ impl Agent {
             match self.verifier.manifest(bytes, now, mark, &snapshot) {
                 Ok(verified) => {
                     let manifest = verified.manifest();
-                    tracing::info!(container = %manifest.container_id, generation = manifest.generation, action = ?manifest.action, "manifest accepted");
+                    tracing::info!(
+                        container = %manifest.container_id,
+                        generation = manifest.generation,
+                        action = ?manifest.action,
+                        "manifest accepted",
+                    );
                     self.marks.containers.insert(
                         manifest.container_id.clone(),
                         Mark {
@@ -408,7 +429,11 @@ impl Agent {
         generation: Option<u64>,
         error: &VerifyError,
     ) {
-        tracing::warn!(error = %error, container = ?container.as_ref().map(ToString::to_string), "manifest refused; nothing applied");
+        tracing::warn!(
+            error = %error,
+            container = ?container.as_ref().map(ToString::to_string),
+            "manifest refused; nothing applied",
+        );
         self.pending_reports.push(ContainerReport {
             container_id: container,
             generation,
@@ -455,7 +480,11 @@ impl Agent {
             Err(e) if e.status().is_some_and(|s| (400..500).contains(&s)) => {
                 // The server refused this batch; resending the same batch would be refused
                 // again and hold back every later report.
-                tracing::error!(error = %e, dropped = self.pending_reports.len(), "status report refused; dropping it");
+                tracing::error!(
+                    error = %e,
+                    dropped = self.pending_reports.len(),
+                    "status report refused; dropping it",
+                );
                 self.pending_reports.clear();
             }
             Err(e) => {

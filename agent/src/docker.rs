@@ -51,7 +51,8 @@ pub enum EngineError {
     Build(String),
     /// Check 7: the signed base image is not on this host.
     #[error(
-        "check 7 (base image): image {0} is not present on this host (images are never pulled; build or load it, then the agent retries)"
+        "check 7 (base image): image {0} is not present on this host (images are never pulled; \
+         build or load it, then the agent retries)"
     )]
     BaseImageMissing(ImageId),
     /// The engine refused because another object depends on this one (HTTP 409).
@@ -756,7 +757,9 @@ mod tests {
         assert_eq!(
             dockerfile,
             format!(
-                "FROM sha256:{}\nLABEL \"io.keyward.container\"=\"c\" \"io.keyward.node\"=\"n\"\nADD [\"files.tar\", \"/\"]\n",
+                "FROM sha256:{}\n\
+                 LABEL \"io.keyward.container\"=\"c\" \"io.keyward.node\"=\"n\"\n\
+                 ADD [\"files.tar\", \"/\"]\n",
                 "a".repeat(64)
             )
         );

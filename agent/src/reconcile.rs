@@ -338,7 +338,10 @@ impl Reconciler {
                     .iter()
                     .find(|c| c.generation == manifest.generation && c.digest == digest);
                 if let Err(e) = self.remove_others(id, new).await {
-                    tracing::warn!(error = %e, "removing the previous generation failed; will retry");
+                    tracing::warn!(
+                        error = %e,
+                        "removing the previous generation failed; will retry",
+                    );
                 }
                 Ok(())
             }

@@ -6,7 +6,10 @@
 //! | `ca.pem` | 0644 | fleet CA, pinned at enrollment |
 //! | `trust-root.json` | 0644 | manifest signing keys accepted |
 //! | `agent.json` | 0644 | node id, trust domain, server URL |
-//! | `marks.json` | 0600 | high-water marks: last snapshot revision; per container the last accepted generation, its digest and envelope |
+//! | `marks.json` | 0600 | high-water marks (see below) |
+//!
+//! The high-water marks are the last snapshot revision and, per container, the last accepted
+//! generation with its digest and envelope.
 //!
 //! No secret bytes are ever written here: envelopes name injected files only by digest. Every
 //! write is atomic and durable (temporary file, fsync, rename, fsync of the directory), so a

@@ -17,7 +17,8 @@ use sha2::{Digest as _, Sha256};
 pub enum IdError {
     /// The identifier does not match `[a-z0-9][a-z0-9.-]{0,62}`.
     #[error(
-        "{kind} {value:?} is invalid: use 1 to 63 characters from a-z, 0-9, '.' and '-', starting with a letter or digit"
+        "{kind} {value:?} is invalid: use 1 to 63 characters from a-z, 0-9, '.' and '-', starting \
+         with a letter or digit"
     )]
     BadName {
         /// Which kind of identifier was expected.

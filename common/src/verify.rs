@@ -10,8 +10,11 @@
 //! | 2 signature | no signature by a trusted key, or a trusted key's signature that fails |
 //! | 3 node | a manifest or snapshot for another node |
 //! | 4 generation | a generation not above the persisted high-water mark |
-//! | 5 freshness | expired or future-dated manifests, stale or rolled-back snapshots, a manifest the latest snapshot does not list with this digest |
-//! | 6 files | paths outside the rules, bad modes, too many or too large files, content not matching its digest |
+//! | 5 freshness | expired or future-dated manifests, stale or rolled-back snapshots, and (*) |
+//! | 6 files | paths outside the rules, bad modes, too many or too large files, and (**) |
+//!
+//! (*) a manifest that the latest snapshot does not list with this digest;
+//! (**) file content that does not match its signed digest.
 //!
 //! Check 7 (the base image is present with the signed id) needs the Docker engine and lives in
 //! the agent.

@@ -50,7 +50,8 @@ pub enum ChainError {
     Modified(u64),
     /// The recorded head is not the last entry.
     #[error(
-        "the chain ends at entry {last} but the recorded head is entry {head}: entries were removed or added"
+        "the chain ends at entry {last} but the recorded head is entry {head}: entries were \
+         removed or added"
     )]
     HeadMismatch {
         /// Last entry present.

@@ -228,7 +228,10 @@ async fn listen_for_replicas(service: Arc<Service>, mut stop: watch::Receiver<bo
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "LISTEN failed; retrying");
-                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => return }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                     continue;
                 }

@@ -13,7 +13,8 @@ pub enum SshKeyError {
     Parse(String),
     /// The key's algorithm is not accepted.
     #[error(
-        "key algorithm {0} is not accepted; use ssh-ed25519, ecdsa-sha2-nistp256/384/521 or rsa of 3072 bits or more"
+        "key algorithm {0} is not accepted; use ssh-ed25519, ecdsa-sha2-nistp256/384/521 or rsa of \
+         3072 bits or more"
     )]
     Algorithm(String),
     /// Key generation failed.

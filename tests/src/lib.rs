@@ -9,6 +9,7 @@
 //! - [`docker`]: the base image, label-scoped cleanup, reading files back from containers.
 //! - [`evil`]: a hostile server with stolen keys, for refusal tests.
 //! - [`node`]: a node client without Docker, for server tests and the load generator.
+//! - [`operator`]: container requests and waits on agent reports that many tests share.
 //! - [`ssh`]: logging in with the OpenSSH client through a port on 127.0.0.1.
 //! - [`wait`]: polling helpers with deadlines.
 //!
@@ -20,6 +21,7 @@ pub mod bins;
 pub mod docker;
 pub mod evil;
 pub mod node;
+pub mod operator;
 pub mod postgres;
 pub mod server;
 pub mod ssh;

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use keyward_common::api::Outcome;
 use keyward_common::client::ApiClient;
 use keyward_common::ids::{ContainerId, ContainerName, ImageId, NodeId, Sha256Digest};
@@ -12,7 +11,6 @@ use keyward_common::manifest::{
     Action, BaseImage, FileEntry, Manifest, PortMapping, Protocol, RunSettings, SnapshotEntry,
 };
 use keyward_common::paths::{FileMode, SafePath};
-use keyward_common::secret::SecretString;
 use keyward_server::api::{
     AccessKeyResponse, AddMemberRequest, ChangeOutcome, ContainerView, CreateContainerRequest,
     CreateGroupRequest, CreateUserRequest, FileSpec, NodeView, RolloutOverrides,
@@ -23,7 +21,7 @@ use keyward_tests::docker::{
 };
 use keyward_tests::evil::EvilServer;
 use keyward_tests::server::{ServerOptions, TestServer, dir_contains};
-use keyward_tests::{free_port, unique, wait};
+use keyward_tests::{free_port, operator, unique, wait};
 
 const BUILD_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -47,7 +45,7 @@ async fn fixture_with(args: &[&str], env: &[(&str, &str)]) -> Fixture {
     let server = TestServer::start(ServerOptions::default());
     let agent = TestAgent::enroll_and_start_with(&server, &node, args, env).await;
     let op = server.operator();
-    wait_for_inventory(&op, &node).await;
+    operator::wait_inventory(&op, &node).await;
     Fixture {
         agent,
         _server: server,
@@ -55,18 +53,6 @@ async fn fixture_with(args: &[&str], env: &[(&str, &str)]) -> Fixture {
         op,
         node,
     }
-}
-
-async fn wait_for_inventory(op: &ApiClient, node: &str) {
-    wait::until(
-        "the agent's image inventory",
-        Duration::from_secs(30),
-        || async {
-            let view: NodeView = op.get_json(&format!("/v1/nodes/{node}")).await.ok()?;
-            (!view.inventory.is_empty()).then_some(())
-        },
-    )
-    .await;
 }
 
 fn request(
@@ -77,57 +63,23 @@ fn request(
     files: Vec<FileSpec>,
 ) -> CreateContainerRequest {
     CreateContainerRequest {
-        node: node.into(),
-        name: name.into(),
-        image: docker::BASE_IMAGE.into(),
-        image_id: None,
         groups: groups.iter().map(|g| g.to_string()).collect(),
-        command: vec![],
-        env: vec![],
-        ports: vec![PortMapping {
-            container_port: 22,
-            protocol: Protocol::Tcp,
-            host_ip: [127, 0, 0, 1].into(),
-            host_port: port,
-        }],
         files,
-    }
-}
-
-fn secret_file(path: &str, content: &str) -> FileSpec {
-    FileSpec {
-        path: path.into(),
-        mode: Some(0o400),
-        uid: None,
-        gid: None,
-        content_base64: SecretString::new(
-            base64::engine::general_purpose::STANDARD.encode(content),
-        ),
+        ..operator::ssh_container(node, name, docker::BASE_IMAGE, Some(port))
     }
 }
 
 async fn wait_applied(op: &ApiClient, id: &str, generation: u64) -> ContainerView {
-    wait::until(
-        &format!("container {id} generation {generation} applied"),
-        BUILD_TIMEOUT,
-        || async {
-            let view: ContainerView = op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
-            (view.applied_generation >= generation).then_some(view)
-        },
-    )
+    let what = format!("generation {generation} applied");
+    operator::wait_container(op, id, &what, BUILD_TIMEOUT, |v| {
+        v.applied_generation >= generation
+    })
     .await
 }
 
 async fn wait_status(op: &ApiClient, id: &str, status: &str) -> ContainerView {
-    wait::until(
-        &format!("container {id} status {status}"),
-        BUILD_TIMEOUT,
-        || async {
-            let view: ContainerView = op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
-            (view.status == status).then_some(view)
-        },
-    )
-    .await
+    let what = format!("status {status}");
+    operator::wait_container(op, id, &what, BUILD_TIMEOUT, |v| v.status == status).await
 }
 
 fn label(key: &str, value: &str) -> String {
@@ -161,7 +113,7 @@ fn node_everything(node: &str) -> (Vec<String>, Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_builds_a_container_holding_exactly_the_signed_authorized_keys() {
     let f = fixture().await;
-    let mut token = secret_file("/home/app/token", "app-token");
+    let mut token = operator::secret_file("/home/app/token", "app-token");
     (token.mode, token.uid, token.gid) = (Some(0o440), Some(1000), Some(1001));
     let req = request(&f.node, "web", free_port(), &[], vec![token]);
     let created: AccessKeyResponse = f.op.post_json("/v1/containers", &req).await.unwrap();
@@ -349,7 +301,7 @@ async fn a_generation_whose_container_exits_at_once_is_rolled_back_to_the_old() 
 async fn destroy_leaves_no_container_image_build_cache_or_secret_bytes_behind() {
     let f = fixture().await;
     let canary = format!("keyward-canary-{}", unique("c"));
-    let files = vec![secret_file("/etc/keyward/canary", &canary)];
+    let files = vec![operator::secret_file("/etc/keyward/canary", &canary)];
     let created: AccessKeyResponse =
         f.op.post_json(
             "/v1/containers",
@@ -366,13 +318,7 @@ async fn destroy_leaves_no_container_image_build_cache_or_secret_bytes_behind() 
     );
     let cache_before = docker::build_cache_entries();
 
-    let _: ContainerView =
-        f.op.post_json(
-            &format!("/v1/containers/{id}/destroy"),
-            &serde_json::json!({}),
-        )
-        .await
-        .unwrap();
+    operator::destroy(&f.op, &id).await;
     let wiped = wait::until("the wipe", BUILD_TIMEOUT, || async {
         let view: ContainerView = f.op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
         (view.state == "destroyed").then_some(view)
@@ -427,13 +373,7 @@ async fn crash_at(point: &str) {
         wait_applied(&f.op, &created.container.id, 1).await;
         f.agent.kill();
         f.agent.start_with_env(&[("KEYWARD_TEST_CRASH_AT", point)]);
-        let _: ContainerView =
-            f.op.post_json(
-                &format!("/v1/containers/{}/destroy", created.container.id),
-                &serde_json::json!({}),
-            )
-            .await
-            .unwrap();
+        operator::destroy(&f.op, &created.container.id).await;
         let status = f
             .agent
             .wait_exit(BUILD_TIMEOUT)
@@ -528,8 +468,8 @@ async fn two_agents_on_one_engine_touch_only_their_own_objects() {
     let _a = TestAgent::enroll_and_start(&server, &na).await;
     let _b = TestAgent::enroll_and_start(&server, &nb).await;
     let op = server.operator();
-    wait_for_inventory(&op, &na).await;
-    wait_for_inventory(&op, &nb).await;
+    operator::wait_inventory(&op, &na).await;
+    operator::wait_inventory(&op, &nb).await;
     // A container nobody manages, which neither agent may touch.
     let bystander = docker::docker(&[
         "run",
@@ -561,13 +501,7 @@ async fn two_agents_on_one_engine_touch_only_their_own_objects() {
     wait_applied(&op, &on_b.container.id, 1).await;
     let b_objects = node_objects(&nb);
 
-    let _: ContainerView = op
-        .post_json(
-            &format!("/v1/containers/{}/destroy", on_a.container.id),
-            &serde_json::json!({}),
-        )
-        .await
-        .unwrap();
+    operator::destroy(&op, &on_a.container.id).await;
     wait::until("the wipe on node a", BUILD_TIMEOUT, || async {
         let view: ContainerView = op
             .get_json(&format!("/v1/containers/{}", on_a.container.id))
@@ -915,7 +849,7 @@ async fn the_agent_renews_its_certificate_at_two_thirds_of_its_life_and_keeps_wo
     let server = TestServer::start(options);
     let agent = TestAgent::enroll_and_start(&server, &node).await;
     let op = server.operator();
-    wait_for_inventory(&op, &node).await;
+    operator::wait_inventory(&op, &node).await;
     let identity = || {
         keyward_common::ids::Sha256Digest::of(
             &std::fs::read(agent.state().join("identity.pem")).unwrap(),
@@ -1018,7 +952,7 @@ async fn with_policy_stop_containers_stop_when_the_snapshot_expires_and_start_wh
     let mut agent =
         TestAgent::enroll_and_start_with(&server, &node, &["--expiry-policy", "stop"], &[]).await;
     let op = server.operator();
-    wait_for_inventory(&op, &node).await;
+    operator::wait_inventory(&op, &node).await;
     let created: AccessKeyResponse = op
         .post_json(
             "/v1/containers",

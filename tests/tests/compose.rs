@@ -7,10 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use keyward_common::client::ApiClient;
-use keyward_common::manifest::{PortMapping, Protocol};
-use keyward_server::api::{AccessKeyResponse, ContainerView, CreateContainerRequest, NodeView};
+use keyward_server::api::{AccessKeyResponse, ContainerView, NodeView};
 use keyward_tests::docker::{self, Cleanup, containers_with, images_with};
-use keyward_tests::{bins, free_port, unique, wait};
+use keyward_tests::{bins, free_port, operator, unique, wait};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -68,22 +67,7 @@ impl Drop for Project {
 }
 
 async fn create(op: &ApiClient, node: &str) -> AccessKeyResponse {
-    let request = CreateContainerRequest {
-        node: node.into(),
-        name: "web".into(),
-        image: docker::BASE_IMAGE.into(),
-        image_id: None,
-        groups: vec![],
-        command: vec![],
-        env: vec![],
-        ports: vec![PortMapping {
-            container_port: 22,
-            protocol: Protocol::Tcp,
-            host_ip: [127, 0, 0, 1].into(),
-            host_port: free_port(),
-        }],
-        files: vec![],
-    };
+    let request = operator::ssh_container(node, "web", docker::BASE_IMAGE, Some(free_port()));
     op.post_json("/v1/containers", &request)
         .await
         .expect("container create")
@@ -94,15 +78,7 @@ async fn wait_state(
     id: &str,
     done: impl Fn(&ContainerView) -> bool,
 ) -> ContainerView {
-    wait::until(
-        &format!("container {id}"),
-        Duration::from_secs(180),
-        || async {
-            let view: ContainerView = op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
-            done(&view).then_some(view)
-        },
-    )
-    .await
+    operator::wait_container(op, id, "the expected state", Duration::from_secs(180), done).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,24 +168,12 @@ async fn the_compose_fleet_provisions_one_container_per_node_and_each_agent_touc
     let b_before = of_node(&node_b);
 
     // Destroying node a's container leaves node b's alone.
-    let _: ContainerView = op
-        .post_json(
-            &format!("/v1/containers/{on_a}/destroy"),
-            &serde_json::json!({}),
-        )
-        .await
-        .unwrap();
+    operator::destroy(&op, &on_a).await;
     wait_state(&op, &on_a, |v| v.state == "destroyed").await;
     assert!(of_node(&node_a).is_empty());
     assert!(images_with(&[format!("io.keyward.node={node_a}")]).is_empty());
     assert_eq!(of_node(&node_b), b_before);
-    let _: ContainerView = op
-        .post_json(
-            &format!("/v1/containers/{on_b}/destroy"),
-            &serde_json::json!({}),
-        )
-        .await
-        .unwrap();
+    operator::destroy(&op, &on_b).await;
     wait_state(&op, &on_b, |v| v.state == "destroyed").await;
 
     // Tear down: nothing of the project is left.

@@ -3,30 +3,18 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use keyward_common::client::ApiClient;
-use keyward_common::manifest::{PortMapping, Protocol};
-use keyward_common::secret::SecretString;
 use keyward_server::api::{
     AccessKeyResponse, AddMemberRequest, ChangeOutcome, ContainerView, CreateContainerRequest,
-    CreateGroupRequest, CreateUserRequest, FileSpec, KeyView, NodeView, RolloutOverrides,
-    RolloutView,
+    CreateGroupRequest, CreateUserRequest, KeyView, RolloutOverrides, RolloutView,
 };
 use keyward_tests::agent::TestAgent;
 use keyward_tests::docker::{self, Cleanup, base_image_id};
 use keyward_tests::server::{ServerOptions, TestServer, dir_contains};
 use keyward_tests::ssh::{self, key_file, login};
-use keyward_tests::{free_port, unique, wait};
+use keyward_tests::{free_port, operator, unique, wait};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
-
-async fn wait_inventory(op: &ApiClient, node: &str) {
-    wait::until("the agent's inventory", Duration::from_secs(30), || async {
-        let view: NodeView = op.get_json(&format!("/v1/nodes/{node}")).await.ok()?;
-        (!view.inventory.is_empty()).then_some(())
-    })
-    .await;
-}
 
 async fn create(
     op: &ApiClient,
@@ -36,31 +24,13 @@ async fn create(
     groups: &[&str],
     canary: Option<&str>,
 ) -> AccessKeyResponse {
-    let files = canary
-        .map(|c| FileSpec {
-            path: "/etc/keyward/canary".into(),
-            mode: Some(0o400),
-            uid: None,
-            gid: None,
-            content_base64: SecretString::new(base64::engine::general_purpose::STANDARD.encode(c)),
-        })
-        .into_iter()
-        .collect();
     let request = CreateContainerRequest {
-        node: node.into(),
-        name: name.into(),
-        image: docker::BASE_IMAGE.into(),
-        image_id: None,
         groups: groups.iter().map(|g| g.to_string()).collect(),
-        command: vec![],
-        env: vec![],
-        ports: vec![PortMapping {
-            container_port: 22,
-            protocol: Protocol::Tcp,
-            host_ip: [127, 0, 0, 1].into(),
-            host_port: port,
-        }],
-        files,
+        files: canary
+            .map(|c| operator::secret_file("/etc/keyward/canary", c))
+            .into_iter()
+            .collect(),
+        ..operator::ssh_container(node, name, docker::BASE_IMAGE, Some(port))
     };
     op.post_json("/v1/containers", &request)
         .await
@@ -68,14 +38,10 @@ async fn create(
 }
 
 async fn wait_generation(op: &ApiClient, id: &str, generation: u64) -> ContainerView {
-    wait::until(
-        &format!("{id} at generation {generation}"),
-        TIMEOUT,
-        || async {
-            let view: ContainerView = op.get_json(&format!("/v1/containers/{id}")).await.ok()?;
-            (view.applied_generation >= generation).then_some(view)
-        },
-    )
+    let what = format!("generation {generation} applied");
+    operator::wait_container(op, id, &what, TIMEOUT, |v| {
+        v.applied_generation >= generation
+    })
     .await
 }
 
@@ -95,7 +61,7 @@ async fn users_log_in_over_ssh_until_they_are_removed_and_the_rollout_confirms_i
     let server = TestServer::start(ServerOptions::default());
     let _agent = TestAgent::enroll_and_start(&server, &node).await;
     let op = server.operator();
-    wait_inventory(&op, &node).await;
+    operator::wait_inventory(&op, &node).await;
     let keys = tempfile::tempdir().unwrap();
 
     // alice is a registered user in group ops; mallory's key is registered nowhere.
@@ -208,7 +174,7 @@ async fn rotation_swaps_the_access_key_and_destroy_leaves_nothing_behind() {
     let server = TestServer::start(ServerOptions::default());
     let agent = TestAgent::enroll_and_start(&server, &node).await;
     let op = server.operator();
-    wait_inventory(&op, &node).await;
+    operator::wait_inventory(&op, &node).await;
     let keys = tempfile::tempdir().unwrap();
     let canary = unique("e2e-canary");
 
@@ -288,8 +254,8 @@ async fn a_group_change_rolls_out_across_two_nodes_in_bounded_batches() {
     let _a = TestAgent::enroll_and_start(&server, &na).await;
     let _b = TestAgent::enroll_and_start(&server, &nb).await;
     let op = server.operator();
-    wait_inventory(&op, &na).await;
-    wait_inventory(&op, &nb).await;
+    operator::wait_inventory(&op, &na).await;
+    operator::wait_inventory(&op, &nb).await;
     let keys = tempfile::tempdir().unwrap();
     let (_, bob_public) = ssh::user_key(keys.path(), "bob");
 

@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use keyward_certs::{FleetCa, Validity};
 use keyward_common::api::{ContainerReport, Outcome, StatusReport};
 use keyward_common::client::{ApiClient, ClientError};
@@ -13,20 +12,20 @@ use keyward_common::dsse::TrustRoot;
 use keyward_common::identity::Identity;
 use keyward_common::ids::{NodeId, TrustDomain};
 use keyward_common::limits::Limits;
-use keyward_common::manifest::{Action, PortMapping, Protocol};
+use keyward_common::manifest::Action;
 use keyward_common::paths::PathRules;
-use keyward_common::secret::{SecretBytes, SecretString};
+use keyward_common::secret::SecretBytes;
 use keyward_common::tls::client_config;
 use keyward_common::verify::{VerifiedManifest, Verifier};
 use keyward_server::api::{
     AccessKeyResponse, AuditPage, ChangeOutcome, ContainerView, CreateContainerRequest,
-    CreateGroupRequest, CreateUserRequest, FileSpec, GroupView, KeyView, NodeView,
-    RolloutOverrides, RolloutView, UserView,
+    CreateGroupRequest, CreateUserRequest, GroupView, KeyView, NodeView, RolloutOverrides,
+    RolloutView, UserView,
 };
 use keyward_tests::node::{FakeNode, enroll_raw, token};
 use keyward_tests::postgres::TestPostgres;
 use keyward_tests::server::{ServerOptions, TestServer, dir_contains};
-use keyward_tests::wait;
+use keyward_tests::{operator, wait};
 
 const CANARY: &str = "keyward-canary-secret-7f3a9c";
 
@@ -75,28 +74,9 @@ async fn create_container(
     groups: &[&str],
 ) -> AccessKeyResponse {
     let request = CreateContainerRequest {
-        node: node.into(),
-        name: name.into(),
-        image: "keyward/sshd".into(),
-        image_id: None,
         groups: groups.iter().map(|g| g.to_string()).collect(),
-        command: vec![],
-        env: vec![],
-        ports: vec![PortMapping {
-            container_port: 22,
-            protocol: Protocol::Tcp,
-            host_ip: [127, 0, 0, 1].into(),
-            host_port: 2222,
-        }],
-        files: vec![FileSpec {
-            path: "/etc/keyward/canary".into(),
-            mode: Some(0o400),
-            uid: None,
-            gid: None,
-            content_base64: SecretString::new(
-                base64::engine::general_purpose::STANDARD.encode(CANARY),
-            ),
-        }],
+        files: vec![operator::secret_file("/etc/keyward/canary", CANARY)],
+        ..operator::ssh_container(node, name, "keyward/sshd", Some(2222))
     };
     op.post_json("/v1/containers", &request)
         .await
@@ -341,13 +321,7 @@ async fn every_endpoint_works_end_to_end(s: &TestServer) {
     );
 
     // Destroy, then the wipe report marks it destroyed and its keys confirmed revoked.
-    let destroying: ContainerView = op
-        .post_json(
-            &format!("/v1/containers/{}/destroy", c.id),
-            &serde_json::json!({}),
-        )
-        .await
-        .unwrap();
+    let destroying: ContainerView = operator::destroy(&op, &c.id).await;
     assert_eq!(destroying.state, "destroying");
     let (_, manifests) = watch_verified(&node, revision, 5).await;
     assert_eq!(

@@ -77,7 +77,8 @@ fn print_change(out: &Output, what: &str, outcome: &ChangeOutcome) -> Result<Exi
     } else {
         match &outcome.rollout {
             Some(id) => println!(
-                "{what}; rollout {id} updates {} container(s) (follow it: keyward rollout show {id} --watch)",
+                "{what}; rollout {id} updates {} container(s) (follow it: keyward rollout show \
+                 {id} --watch)",
                 outcome.containers
             ),
             None => println!("{what}; no container affected"),
@@ -157,7 +158,8 @@ pub(super) async fn node(
                 println!("CA fingerprint: {}", token.ca_fingerprint);
                 println!("on the node, run:");
                 println!(
-                    "  keyward-agent enroll --server {} --enroll-url {} --node {} --ca-fingerprint {} {shown_token}",
+                    "  keyward-agent enroll --server {} --enroll-url {} --node {} --ca-fingerprint \
+                     {} {shown_token}",
                     token.server_url, token.enroll_url, token.node, token.ca_fingerprint
                 );
             }
@@ -198,7 +200,8 @@ pub(super) async fn node(
                 .await?;
             if !out.json {
                 println!(
-                    "node {id} evicted: its certificates are denied and its containers' keys revoked"
+                    "node {id} evicted: its certificates are denied and its containers' keys \
+                     revoked"
                 );
             }
             print_node(out, &node)?;
@@ -498,7 +501,8 @@ async fn wait_for(
                 return Err(CliError::new(
                     ExitCode::Failure,
                     format!(
-                        "container {id}: agent did not confirm {what} within {seconds}s (status {})",
+                        "container {id}: agent did not confirm {what} within {seconds}s (status \
+                         {})",
                         view.status
                     ),
                 ));
@@ -597,7 +601,8 @@ pub(super) async fn container(
                 println!("container {id} destroyed and wiped; its keys are revoked");
             } else {
                 println!(
-                    "container {id} is being destroyed; its keys are revoked (follow: keyward container show {id})"
+                    "container {id} is being destroyed; its keys are revoked (follow: keyward \
+                     container show {id})"
                 );
             }
             Ok(ExitCode::Ok)
@@ -690,7 +695,8 @@ async fn finish_access_key(
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "KEYFILE".into());
         println!(
-            "login: ssh -i {key_path} -p {} -o UserKnownHostsFile=KNOWN_HOSTS -o StrictHostKeyChecking=yes root@{}",
+            "login: ssh -i {key_path} -p {} -o UserKnownHostsFile=KNOWN_HOSTS -o \
+             StrictHostKeyChecking=yes root@{}",
             port.host_port, port.host_ip
         );
     }
@@ -827,7 +833,8 @@ fn progress_line(r: &RolloutView) -> String {
     let percent = (done * 100).checked_div(r.total).unwrap_or(100);
     let filled = (percent / 5) as usize;
     format!(
-        "[{}{}] {percent:>3}%  {done}/{} done ({} applied, {} skipped), {} in flight ({} failing), {} pending, {} batches (largest {})  {}",
+        "[{}{}] {percent:>3}%  {done}/{} done ({} applied, {} skipped), {} in flight ({} failing), \
+         {} pending, {} batches (largest {})  {}",
         "#".repeat(filled),
         ".".repeat(20 - filled),
         r.total,
@@ -893,7 +900,8 @@ pub(super) async fn rollout(
                     "completed" => return Ok(ExitCode::Ok),
                     "paused" => {
                         eprintln!(
-                            "rollout {id} paused after {} failures; fix them, then: keyward rollout resume {id}",
+                            "rollout {id} paused after {} failures; fix them, then: keyward \
+                             rollout resume {id}",
                             view.failed
                         );
                         return Ok(ExitCode::RolloutPaused);
@@ -972,7 +980,12 @@ pub(super) async fn audit(
             match verify_chain(&entries, head_seq, &head_hash) {
                 Ok(()) => {
                     if out.json {
-                        out.json(&serde_json::json!({ "ok": true, "entries": entries.len(), "head_seq": head_seq, "head_hash": head_hash }))?;
+                        out.json(&serde_json::json!({
+                            "ok": true,
+                            "entries": entries.len(),
+                            "head_seq": head_seq,
+                            "head_hash": head_hash,
+                        }))?;
                     } else {
                         println!(
                             "audit log verified: {} entries, head {head_seq} {head_hash}",

@@ -3,7 +3,8 @@
 //! Each accepted connection takes a permit from its listener's semaphore, so the number of
 //! connections (idle watchers included) is capped; above the cap new connections are closed at
 //! once. The enrollment listener, which needs no certificate, has its own small cap and a short
-//! idle timeout, so anonymous clients cannot starve the agents' watches. The TLS handshake has a timeout, so a silent client cannot hold a permit.
+//! idle timeout, so anonymous clients cannot starve the agents' watches. The TLS handshake has a
+//! timeout, so a silent client cannot hold a permit.
 //! The verified client identity is attached to every request of the connection.
 
 pub mod auth;

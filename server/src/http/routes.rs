@@ -96,7 +96,13 @@ async fn access_log(State(service): AppState, req: Request, next: Next) -> Respo
     let response = next.run(req).await;
     let status = response.status().as_u16();
     service.metrics.count_status(status);
-    tracing::debug!(%method, %path, status, elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    tracing::debug!(
+        %method,
+        %path,
+        status,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "request",
+    );
     response
 }
 

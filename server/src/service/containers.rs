@@ -13,11 +13,11 @@ use sqlx::Row as _;
 use super::issue::{
     AUTHORIZED_KEYS_PATH, ContainerRecord, Grants, HOST_KEY_PATH, IfUnchanged, IssueBatch,
 };
-use super::{Service, ServiceError, ServiceResult, new_id, now};
+use super::{Service, ServiceError, ServiceResult, conflict_if_taken, new_id, now};
 use crate::api::{AccessKeyResponse, ContainerView, CreateContainerRequest};
 use crate::audit::{self, NewEntry};
 use crate::sshkeys;
-use crate::store::{Tx, is_unique_violation, to_i64, to_u64};
+use crate::store::{Tx, to_i64, to_u64};
 
 /// Most secret files one container may have.
 const MAX_SECRET_FILES: usize = 32;
@@ -60,7 +60,8 @@ impl Service {
             .map_err(|e| ServiceError::bad_request(e.to_string()))?;
         if let Some(bad) = req.env.iter().find(|v| !v.is_valid()) {
             return Err(ServiceError::bad_request(format!(
-                "environment variable {:?} is invalid: names are [A-Za-z_][A-Za-z0-9_]*, values have no NUL",
+                "environment variable {:?} is invalid: names are [A-Za-z_][A-Za-z0-9_]*, values \
+                 have no NUL",
                 bad.name
             )));
         }
@@ -156,14 +157,12 @@ impl Service {
         .bind(to_i64(at))
         .execute(&mut *tx)
         .await;
-        match inserted {
-            Err(e) if is_unique_violation(&e) => {
-                return Err(ServiceError::conflict(format!(
-                    "a container named {name} already exists on node {node}; pick another name or destroy it first"
-                )));
-            }
-            other => other?,
-        };
+        conflict_if_taken(inserted, || {
+            format!(
+                "a container named {name} already exists on node {node}; pick another name or \
+                 destroy it first"
+            )
+        })?;
         for group in &groups {
             sqlx::query("INSERT INTO container_groups (container_id, group_name) VALUES ($1, $2)")
                 .bind(&id)
@@ -176,7 +175,8 @@ impl Service {
                 .kek
                 .seal(&format!("secret-file:{id}:{}", file.path), &file.content);
             sqlx::query(
-                "INSERT INTO secret_files (container_id, path, mode, uid, gid, content_enc) VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO secret_files (container_id, path, mode, uid, gid, \
+                 content_enc) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(&id)
             .bind(&file.path)
@@ -188,22 +188,6 @@ impl Service {
             .await?;
         }
 
-        let record = ContainerRecord::load(&mut tx, &id).await?.ok_or_else(|| {
-            ServiceError::internal(&"container vanished inside its own transaction")
-        })?;
-        let grants = Grants::load(&mut tx).await?;
-        self.issue(
-            &mut tx,
-            &IssueBatch {
-                revision,
-                grants: &grants,
-                actor,
-            },
-            &record,
-            Action::Run,
-            IfUnchanged::Issue,
-        )
-        .await?;
         let details = serde_json::json!({
             "node": node.as_str(),
             "name": name.as_str(),
@@ -213,23 +197,17 @@ impl Service {
             "host_key": host.fingerprint,
             "secret_files": files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
         });
-        audit::append(
-            &mut tx,
-            at,
-            &[NewEntry {
+        let view = self
+            .commit_container_change(
+                tx,
+                revision,
                 actor,
-                action: "container.create",
-                subject: &id,
+                &id,
+                Action::Run,
+                "container.create",
                 details,
-            }],
-        )
-        .await?;
-        let view = self.container_view(&mut tx, &id).await?;
-        self.store
-            .notify_nodes(&mut tx, &[node.to_string()], revision)
+            )
             .await?;
-        tx.commit().await?;
-        self.announce(&[node.to_string()], revision);
 
         tracing::info!(container = %id, node = %node, name = %name, "container created");
         Ok(AccessKeyResponse {
@@ -277,44 +255,22 @@ impl Service {
             .execute(&mut *tx)
             .await?;
 
-        let record = ContainerRecord::load(&mut tx, id).await?.ok_or_else(|| {
-            ServiceError::internal(&"container vanished inside its own transaction")
-        })?;
-        let grants = Grants::load(&mut tx).await?;
-        self.issue(
-            &mut tx,
-            &IssueBatch {
-                revision,
-                grants: &grants,
-                actor,
-            },
-            &record,
-            Action::Run,
-            IfUnchanged::Issue,
-        )
-        .await?;
         let details = serde_json::json!({
             "old_access_key": old_fingerprint,
             "revoked_key_id": old_key_id,
             "new_access_key": access.fingerprint,
         });
-        audit::append(
-            &mut tx,
-            at,
-            &[NewEntry {
+        let view = self
+            .commit_container_change(
+                tx,
+                revision,
                 actor,
-                action: "container.rotate",
-                subject: id,
+                id,
+                Action::Run,
+                "container.rotate",
                 details,
-            }],
-        )
-        .await?;
-        let view = self.container_view(&mut tx, id).await?;
-        self.store
-            .notify_nodes(&mut tx, std::slice::from_ref(&record.node_id), revision)
+            )
             .await?;
-        tx.commit().await?;
-        self.announce(&[record.node_id], revision);
         tracing::info!(container = %id, "container access key rotated");
         Ok(AccessKeyResponse {
             container: view,
@@ -339,7 +295,43 @@ impl Service {
             at,
         )
         .await?;
-        let grants = Grants::default();
+        let details = serde_json::json!({ "node": record.node_id });
+        let view = self
+            .commit_container_change(
+                tx,
+                revision,
+                actor,
+                id,
+                Action::Destroy,
+                "container.destroy",
+                details,
+            )
+            .await?;
+        tracing::info!(container = %id, "container destroy issued");
+        Ok(view)
+    }
+
+    /// Ends a change to one container: issues its next generation with `action` (the access
+    /// grants are read as they stand in `tx`, none for a destroy), records `audit_action` with
+    /// `details`, commits, and wakes the node's watches. Returns the container as committed.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_container_change(
+        &self,
+        mut tx: Tx,
+        revision: u64,
+        actor: &str,
+        id: &str,
+        action: Action,
+        audit_action: &str,
+        details: serde_json::Value,
+    ) -> ServiceResult<ContainerView> {
+        let record = ContainerRecord::load(&mut tx, id).await?.ok_or_else(|| {
+            ServiceError::internal(&"container vanished inside its own transaction")
+        })?;
+        let grants = match action {
+            Action::Run => Grants::load(&mut tx).await?,
+            Action::Destroy => Grants::default(),
+        };
         self.issue(
             &mut tx,
             &IssueBatch {
@@ -348,29 +340,26 @@ impl Service {
                 actor,
             },
             &record,
-            Action::Destroy,
+            action,
             IfUnchanged::Issue,
         )
         .await?;
-        let details = serde_json::json!({ "node": record.node_id });
         audit::append(
             &mut tx,
-            at,
+            now(),
             &[NewEntry {
                 actor,
-                action: "container.destroy",
+                action: audit_action,
                 subject: id,
                 details,
             }],
         )
         .await?;
         let view = self.container_view(&mut tx, id).await?;
-        self.store
-            .notify_nodes(&mut tx, std::slice::from_ref(&record.node_id), revision)
-            .await?;
+        let node = [record.node_id];
+        self.store.notify_nodes(&mut tx, &node, revision).await?;
         tx.commit().await?;
-        self.announce(&[record.node_id], revision);
-        tracing::info!(container = %id, "container destroy issued");
+        self.announce(&node, revision);
         Ok(view)
     }
 
@@ -392,7 +381,8 @@ impl Service {
     pub async fn list_containers(&self, node: Option<&str>) -> ServiceResult<Vec<ContainerView>> {
         let mut conn = self.store.pool().begin().await?;
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM containers WHERE ($1 IS NULL OR node_id = $1) ORDER BY created_at DESC, id",
+            "SELECT id FROM containers WHERE ($1 IS NULL OR node_id = $1) \
+             ORDER BY created_at DESC, id",
         )
         .bind(node)
         .fetch_all(&mut *conn)
@@ -416,9 +406,10 @@ impl Service {
         id: &str,
     ) -> ServiceResult<ContainerView> {
         let row = sqlx::query(
-            "SELECT c.id, c.name, c.node_id, c.state, c.image_ref, c.image_id, c.generation, \
-             c.applied_generation, c.status, c.status_reason, k.fingerprint, c.known_hosts, c.run_settings \
-             FROM containers c JOIN keys k ON k.id = c.access_key_id WHERE c.id = $1",
+            "SELECT c.id, c.name, c.node_id, c.state, c.image_ref, c.image_id, \
+             c.generation, c.applied_generation, c.status, c.status_reason, \
+             k.fingerprint, c.known_hosts, c.run_settings FROM containers c JOIN keys k \
+             ON k.id = c.access_key_id WHERE c.id = $1",
         )
         .bind(id)
         .fetch_optional(&mut **tx)
@@ -464,8 +455,8 @@ pub(crate) async fn insert_key(
     at: u64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO keys (id, kind, user_name, container_id, fingerprint, public_key, state, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7)",
+        "INSERT INTO keys (id, kind, user_name, container_id, fingerprint, public_key, \
+         state, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'active', $7)",
     )
     .bind(id)
     .bind(kind)
@@ -488,7 +479,8 @@ pub(crate) async fn revoke_keys(
 ) -> Result<(), sqlx::Error> {
     for id in ids {
         sqlx::query(
-            "UPDATE keys SET state = 'revoked', revoked_at = $1, revoke_reason = $2 WHERE id = $3 AND state = 'active'",
+            "UPDATE keys SET state = 'revoked', revoked_at = $1, revoke_reason = $2 \
+             WHERE id = $3 AND state = 'active'",
         )
         .bind(to_i64(at))
         .bind(reason)
@@ -596,11 +588,12 @@ fn resolve_image(
     match found {
         Some(image) => Ok(image.id.clone()),
         None if images.is_empty() => Err(ServiceError::conflict(format!(
-            "node {node} has not reported any images yet; start its agent, or pass the image id explicitly"
+            "node {node} has not reported any images yet; start its agent, or pass the image id \
+             explicitly"
         ))),
         None => Err(ServiceError::conflict(format!(
-            "image {reference} is not on node {node} (it has: {}); build or load it there first, or pass \
-             the image id explicitly",
+            "image {reference} is not on node {node} (it has: {}); build or load it there first, \
+             or pass the image id explicitly",
             images
                 .iter()
                 .flat_map(|i| i.tags.iter().map(String::as_str))

@@ -62,11 +62,11 @@ impl ContainerRecord {
     pub(crate) async fn load_many(tx: &mut Tx, ids: &[String]) -> Result<Vec<Self>, StoreError> {
         let rows = bulk::select_in(
             tx,
-            "SELECT c.id, c.node_id, c.name, c.state, c.image_ref, c.image_id, c.run_settings, \
-             c.generation, c.access_key_id, c.host_key_id, c.host_key_enc, k.public_key, m.content_digest \
-             FROM containers c JOIN keys k ON k.id = c.access_key_id \
-             LEFT JOIN manifests m ON m.container_id = c.id AND m.generation = c.generation \
-             WHERE c.id IN",
+            "SELECT c.id, c.node_id, c.name, c.state, c.image_ref, c.image_id, \
+             c.run_settings, c.generation, c.access_key_id, c.host_key_id, \
+             c.host_key_enc, k.public_key, m.content_digest FROM containers c JOIN keys k \
+             ON k.id = c.access_key_id LEFT JOIN manifests m ON m.container_id = c.id \
+             AND m.generation = c.generation WHERE c.id IN",
             ids,
             "ORDER BY c.id",
         )
@@ -224,29 +224,39 @@ async fn facts(tx: &mut Tx, ids: &[String]) -> Result<Facts, StoreError> {
     }
     for row in bulk::select_in(
         tx,
-        "SELECT container_id, path, mode, uid, gid, content_enc FROM secret_files WHERE container_id IN",
+        "SELECT container_id, path, mode, uid, gid, content_enc FROM secret_files \
+         WHERE container_id IN",
         ids,
         "ORDER BY container_id, path",
     )
     .await?
     {
-        facts.secrets.entry(row.try_get(0)?).or_default().push(SecretRow {
-            path: row.try_get(1)?,
-            mode: row.try_get(2)?,
-            uid: row.try_get(3)?,
-            gid: row.try_get(4)?,
-            sealed: row.try_get(5)?,
-        });
+        facts
+            .secrets
+            .entry(row.try_get(0)?)
+            .or_default()
+            .push(SecretRow {
+                path: row.try_get(1)?,
+                mode: row.try_get(2)?,
+                uid: row.try_get(3)?,
+                gid: row.try_get(4)?,
+                sealed: row.try_get(5)?,
+            });
     }
     for row in bulk::select_in(
         tx,
-        "SELECT container_id, key_id FROM key_holders WHERE until_generation IS NULL AND container_id IN",
+        "SELECT container_id, key_id FROM key_holders WHERE until_generation IS NULL \
+         AND container_id IN",
         ids,
         "",
     )
     .await?
     {
-        facts.holders.entry(row.try_get(0)?).or_default().insert(row.try_get(1)?);
+        facts
+            .holders
+            .entry(row.try_get(0)?)
+            .or_default()
+            .insert(row.try_get(1)?);
     }
     Ok(facts)
 }
@@ -501,7 +511,8 @@ impl Service {
             .collect();
         bulk::insert(
             tx,
-            "manifests (container_id, generation, node_id, revision, action, digest, content_digest, envelope, created_at)",
+            "manifests (container_id, generation, node_id, revision, action, digest, \
+             content_digest, envelope, created_at)",
             manifests,
         )
         .await?;
@@ -526,8 +537,8 @@ impl Service {
         // older ones. (Runs before the generation below moves on.)
         bulk::execute_in(
             tx,
-            "DELETE FROM manifest_files WHERE generation < \
-             (SELECT c.generation FROM containers c WHERE c.id = manifest_files.container_id) AND container_id IN",
+            "DELETE FROM manifest_files WHERE generation < (SELECT c.generation \
+             FROM containers c WHERE c.id = manifest_files.container_id) AND container_id IN",
             &ids,
         )
         .await?;

@@ -34,7 +34,8 @@ impl Service {
     pub async fn show_key(&self, id_or_fingerprint: &str) -> ServiceResult<KeyView> {
         let mut tx = self.store.pool().begin().await?;
         let id: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM keys WHERE id = $1 OR fingerprint = $1 ORDER BY created_at DESC LIMIT 1",
+            "SELECT id FROM keys WHERE id = $1 OR fingerprint = $1 \
+             ORDER BY created_at DESC LIMIT 1",
         )
         .bind(id_or_fingerprint)
         .fetch_optional(&mut *tx)
@@ -80,8 +81,9 @@ impl Service {
         super::containers::revoke_keys(&mut tx, &[id.to_string()], "revoked by operator", at)
             .await?;
         let holders: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT kh.container_id FROM key_holders kh JOIN containers c ON c.id = kh.container_id \
-             WHERE kh.key_id = $1 AND kh.until_generation IS NULL AND c.state = 'active' ORDER BY kh.container_id",
+            "SELECT DISTINCT kh.container_id FROM key_holders kh JOIN containers c \
+             ON c.id = kh.container_id WHERE kh.key_id = $1 AND kh.until_generation IS NULL \
+             AND c.state = 'active' ORDER BY kh.container_id",
         )
         .bind(id)
         .fetch_all(&mut *tx)
@@ -112,7 +114,8 @@ impl Service {
 
     pub(crate) async fn key_view(&self, tx: &mut Tx, id: &str) -> ServiceResult<KeyView> {
         let row = sqlx::query(
-            "SELECT id, kind, user_name, container_id, fingerprint, state, revoke_reason FROM keys WHERE id = $1",
+            "SELECT id, kind, user_name, container_id, fingerprint, state, revoke_reason \
+             FROM keys WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&mut **tx)
@@ -144,8 +147,9 @@ pub(crate) async fn revocation_progress(
     id: &str,
 ) -> Result<RevocationProgress, sqlx::Error> {
     let rows: Vec<(String, i64, Option<i64>, String, i64)> = sqlx::query_as(
-        "SELECT kh.container_id, kh.from_generation, kh.until_generation, c.state, c.applied_generation \
-         FROM key_holders kh JOIN containers c ON c.id = kh.container_id WHERE kh.key_id = $1",
+        "SELECT kh.container_id, kh.from_generation, kh.until_generation, \
+         c.state, c.applied_generation FROM key_holders kh JOIN containers c \
+         ON c.id = kh.container_id WHERE kh.key_id = $1",
     )
     .bind(id)
     .fetch_all(&mut **tx)

@@ -125,6 +125,18 @@ impl From<sqlx::Error> for ServiceError {
 /// Result of a service operation.
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
+/// Maps a unique-constraint violation from an insert to 409 `conflict` with the message
+/// `taken` builds; every other database error stays internal.
+pub(crate) fn conflict_if_taken<T>(
+    result: Result<T, sqlx::Error>,
+    taken: impl FnOnce() -> String,
+) -> ServiceResult<T> {
+    match result {
+        Err(e) if crate::store::is_unique_violation(&e) => Err(ServiceError::conflict(taken())),
+        other => Ok(other?),
+    }
+}
+
 /// Everything the operations need: the store, the keys, the settings.
 pub struct Service {
     /// The store.

@@ -183,7 +183,8 @@ impl Service {
             Some(_) => {}
         }
         let sealed: Option<Vec<u8>> = sqlx::query_scalar(
-            "SELECT content_enc FROM manifest_files WHERE container_id = $1 AND generation = $2 AND idx = $3",
+            "SELECT content_enc FROM manifest_files WHERE container_id = $1 \
+             AND generation = $2 AND idx = $3",
         )
         .bind(container)
         .bind(to_i64(generation))
@@ -194,7 +195,10 @@ impl Service {
             ServiceError::new(
                 ErrorKind::NotFound,
                 "gone",
-                format!("file {idx} of container {container} generation {generation} is not available; a newer generation replaced it"),
+                format!(
+                    "file {idx} of container {container} generation {generation} is not \
+                     available; a newer generation replaced it"
+                ),
             )
         })?;
         self.kek
@@ -231,7 +235,10 @@ impl Service {
                     )));
                 }
                 None => {
-                    let details = serde_json::json!({ "generation": item.generation, "outcome": outcome_name(&item.outcome) });
+                    let details = serde_json::json!({
+                        "generation": item.generation,
+                        "outcome": outcome_name(&item.outcome),
+                    });
                     audit::append(
                         &mut tx,
                         at,
@@ -306,9 +313,11 @@ impl Service {
         match &item.outcome {
             Outcome::Applied => {
                 sqlx::query(
-                    "UPDATE containers SET applied_generation = CASE WHEN applied_generation > $1 \
-                     THEN applied_generation ELSE $1 END, status = 'applied', status_generation = $1, \
-                     status_reason = NULL, status_at = $2 WHERE id = $3 AND state <> 'destroyed' AND generation >= $1",
+                    "UPDATE containers SET applied_generation = CASE \
+                     WHEN applied_generation > $1 THEN applied_generation \
+                     ELSE $1 END, status = 'applied', status_generation = $1, \
+                     status_reason = NULL, status_at = $2 WHERE id = $3 \
+                     AND state <> 'destroyed' AND generation >= $1",
                 )
                 .bind(to_i64(generation))
                 .bind(to_i64(at))
@@ -323,8 +332,9 @@ impl Service {
                     "refused"
                 };
                 sqlx::query(
-                    "UPDATE containers SET status = $1, status_generation = $2, status_reason = $3, status_at = $4 \
-                     WHERE id = $5 AND state <> 'destroyed' AND generation >= $2",
+                    "UPDATE containers SET status = $1, status_generation = $2, \
+                     status_reason = $3, status_at = $4 WHERE id = $5 \
+                     AND state <> 'destroyed' AND generation >= $2",
                 )
                 .bind(status)
                 .bind(to_i64(generation))
@@ -358,11 +368,16 @@ impl Service {
                         .bind(container)
                         .fetch_optional(&mut **tx)
                         .await?;
-                let confirmed = matches!(&destroy_generation, Some((state, g)) if state == "destroying" && to_i64(generation) >= *g);
+                let confirmed = matches!(
+                    &destroy_generation,
+                    Some((state, g)) if state == "destroying" && to_i64(generation) >= *g
+                );
                 if confirmed {
                     sqlx::query(
-                        "UPDATE containers SET state = 'destroyed', destroyed_at = $1, applied_generation = $2, \
-                         status = 'wiped', status_generation = $2, status_reason = NULL, status_at = $1 WHERE id = $3",
+                        "UPDATE containers SET state = 'destroyed', \
+                         destroyed_at = $1, applied_generation = $2, \
+                         status = 'wiped', status_generation = $2, \
+                         status_reason = NULL, status_at = $1 WHERE id = $3",
                     )
                     .bind(to_i64(at))
                     .bind(to_i64(generation))
@@ -384,7 +399,11 @@ impl Service {
                         .await?;
                     tracing::info!(container, "container wiped");
                 }
-                let details = serde_json::json!({ "generation": generation, "removed": removed, "confirmed": confirmed });
+                let details = serde_json::json!({
+                    "generation": generation,
+                    "removed": removed,
+                    "confirmed": confirmed,
+                });
                 audit::append(
                     tx,
                     at,

@@ -6,7 +6,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use keyward_certs::Validity;
+use keyward_certs::{IssuedCert, Validity};
 use keyward_common::api::{CertificateResponse, EnrollRequest, LocalImage, RenewRequest};
 use keyward_common::identity::Identity;
 use keyward_common::ids::{NodeId, OperatorName, Sha256Digest};
@@ -34,7 +34,8 @@ fn invalid_token() -> ServiceError {
     ServiceError::new(
         ErrorKind::Unauthorized,
         "invalid_token",
-        "join token is invalid, expired, already used, or for another node; ask an operator for a new one",
+        "join token is invalid, expired, already used, or for another node; ask an operator for a \
+         new one",
     )
 }
 
@@ -83,7 +84,8 @@ impl Service {
         }
         let expires_at = at + ttl;
         sqlx::query(
-            "INSERT INTO join_tokens (token_hash, node_id, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO join_tokens (token_hash, node_id, created_by, created_at, \
+             expires_at) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(token_hash(token.expose()))
         .bind(node.as_str())
@@ -169,27 +171,7 @@ impl Service {
         .bind(node.as_str())
         .execute(&mut *tx)
         .await?;
-        record_certificate(
-            &mut tx,
-            &issued.serial,
-            &identity,
-            Some(node.as_str()),
-            at,
-            issued.not_after,
-        )
-        .await?;
-        let details = serde_json::json!({ "serial": issued.serial, "not_after": issued.not_after });
-        audit::append(
-            &mut tx,
-            at,
-            &[NewEntry {
-                actor: &format!("node/{node}"),
-                action: "node.enroll",
-                subject: node.as_str(),
-                details,
-            }],
-        )
-        .await?;
+        record_node_certificate(&mut tx, &node, &issued, "node.enroll", at).await?;
         tx.commit().await?;
         self.deny.extend(retired);
         Metrics::inc(&self.metrics.enrollments);
@@ -228,27 +210,7 @@ impl Service {
             ));
         }
         let at = now();
-        record_certificate(
-            &mut tx,
-            &issued.serial,
-            &identity,
-            Some(node.as_str()),
-            at,
-            issued.not_after,
-        )
-        .await?;
-        let details = serde_json::json!({ "serial": issued.serial, "not_after": issued.not_after });
-        audit::append(
-            &mut tx,
-            at,
-            &[NewEntry {
-                actor: &format!("node/{node}"),
-                action: "node.renew",
-                subject: node.as_str(),
-                details,
-            }],
-        )
-        .await?;
+        record_node_certificate(&mut tx, node, &issued, "node.renew", at).await?;
         tx.commit().await?;
         Metrics::inc(&self.metrics.renewals);
         tracing::info!(node = %node, serial = %issued.serial, "node certificate renewed");
@@ -322,13 +284,18 @@ impl Service {
         .await?;
         super::containers::revoke_keys(&mut tx, &keys, "node evicted", at).await?;
         let orphaned = sqlx::query(
-            "UPDATE containers SET state = 'orphaned' WHERE node_id = $1 AND state IN ('active', 'destroying')",
+            "UPDATE containers SET state = 'orphaned' WHERE node_id = $1 \
+             AND state IN ('active', 'destroying')",
         )
         .bind(id)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        let details = serde_json::json!({ "denied_serials": serials, "revoked_keys": keys.len(), "orphaned_containers": orphaned });
+        let details = serde_json::json!({
+            "denied_serials": serials,
+            "revoked_keys": keys.len(),
+            "orphaned_containers": orphaned,
+        });
         audit::append(
             &mut tx,
             at,
@@ -394,6 +361,40 @@ impl Service {
     }
 }
 
+/// Records a certificate issued to `node` by enrollment or renewal, and audits it as `action`
+/// by the node itself.
+async fn record_node_certificate(
+    tx: &mut Tx,
+    node: &NodeId,
+    issued: &IssuedCert,
+    action: &str,
+    at: u64,
+) -> ServiceResult<()> {
+    let identity = Identity::Node(node.clone());
+    record_certificate(
+        tx,
+        &issued.serial,
+        &identity,
+        Some(node.as_str()),
+        at,
+        issued.not_after,
+    )
+    .await?;
+    let details = serde_json::json!({ "serial": issued.serial, "not_after": issued.not_after });
+    audit::append(
+        tx,
+        at,
+        &[NewEntry {
+            actor: &format!("node/{node}"),
+            action,
+            subject: node.as_str(),
+            details,
+        }],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn record_certificate(
     tx: &mut Tx,
     serial: &str,
@@ -403,7 +404,8 @@ async fn record_certificate(
     not_after: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO certificates (serial, subject, node_id, issued_at, not_after) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO certificates (serial, subject, node_id, issued_at, not_after) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(serial)
     .bind(identity.to_string())

@@ -66,8 +66,9 @@ impl Service {
         let id = new_id("r");
         let at = now();
         sqlx::query(
-            "INSERT INTO rollouts (id, reason, state, batch_size, max_in_flight, failure_threshold, \
-             created_by, created_at, resumed_at) VALUES ($1, $2, 'running', $3, $4, $5, $6, $7, $7)",
+            "INSERT INTO rollouts (id, reason, state, batch_size, \
+             max_in_flight, failure_threshold, created_by, created_at, resumed_at) \
+             VALUES ($1, $2, 'running', $3, $4, $5, $6, $7, $7)",
         )
         .bind(&id)
         .bind(reason)
@@ -78,13 +79,17 @@ impl Service {
         .bind(to_i64(at))
         .execute(&mut **tx)
         .await?;
-        for container in containers {
-            sqlx::query("INSERT INTO rollout_items (rollout_id, container_id, state) VALUES ($1, $2, 'pending')")
-                .bind(&id)
-                .bind(container)
-                .execute(&mut **tx)
-                .await?;
-        }
+        let items = containers
+            .iter()
+            .map(|c| {
+                vec![
+                    Value::Text(id.clone()),
+                    Value::Text(c.clone()),
+                    Value::Text("pending".into()),
+                ]
+            })
+            .collect();
+        bulk::insert(tx, "rollout_items (rollout_id, container_id, state)", items).await?;
         let details = serde_json::json!({
             "reason": reason,
             "containers": containers.len(),
@@ -188,7 +193,8 @@ impl Service {
     ) -> ServiceResult<Step> {
         let mut step = Step::default();
         let row = sqlx::query(
-            "SELECT state, batch_size, max_in_flight, failure_threshold FROM rollouts WHERE id = $1",
+            "SELECT state, batch_size, max_in_flight, failure_threshold FROM rollouts \
+             WHERE id = $1",
         )
         .bind(id)
         .fetch_one(&mut **tx)
@@ -211,7 +217,10 @@ impl Service {
                 .bind(id)
                 .execute(&mut **tx)
                 .await?;
-            let details = serde_json::json!({ "failed": counts.failed, "threshold": policy.failure_threshold });
+            let details = serde_json::json!({
+                "failed": counts.failed,
+                "threshold": policy.failure_threshold,
+            });
             audit::append(
                 tx,
                 at,
@@ -243,8 +252,8 @@ impl Service {
             .await?;
             let batch = batch + 1;
             let pending: Vec<String> = sqlx::query_scalar(
-                "SELECT container_id FROM rollout_items WHERE rollout_id = $1 AND state = 'pending' \
-                 ORDER BY container_id LIMIT $2",
+                "SELECT container_id FROM rollout_items WHERE rollout_id = $1 \
+                 AND state = 'pending' ORDER BY container_id LIMIT $2",
             )
             .bind(id)
             .bind(to_i64(room))
@@ -285,7 +294,8 @@ impl Service {
             bulk::execute_in_with(
                 tx,
                 "UPDATE rollout_items SET state = 'skipped', finished_at = $1, \
-                 reason = 'nothing to change or container gone' WHERE rollout_id = $2 AND container_id IN",
+                 reason = 'nothing to change or container gone' WHERE rollout_id = $2 \
+                 AND container_id IN",
                 &leading,
                 &skipped,
             )
@@ -295,9 +305,11 @@ impl Service {
                 Value::Int(to_i64(at)),
                 Value::Text(id.to_string()),
             ];
-            const RELEASE: &str = "UPDATE rollout_items SET state = 'released', batch = $1, released_at = $2, \
-                 target_generation = (SELECT c.generation FROM containers c WHERE c.id = rollout_items.container_id) \
-                 WHERE rollout_id = $3 AND state = 'pending'";
+            const RELEASE: &str = "UPDATE rollout_items SET state = 'released', \
+                                   batch = $1, released_at = $2, \
+                                   target_generation = (SELECT c.generation \
+                                   FROM containers c WHERE c.id = rollout_items.container_id) \
+                                   WHERE rollout_id = $3 AND state = 'pending'";
             if pending.len() as u64 == counts.pending {
                 // Every pending item was taken: what is still pending is exactly what was issued,
                 // and no list of ids is needed.
@@ -321,7 +333,11 @@ impl Service {
                 .bind(id)
                 .execute(&mut **tx)
                 .await?;
-            let details = serde_json::json!({ "applied": counts.applied, "skipped": counts.skipped, "failed": counts.failed });
+            let details = serde_json::json!({
+                "applied": counts.applied,
+                "skipped": counts.skipped,
+                "failed": counts.failed,
+            });
             audit::append(
                 tx,
                 at,
@@ -420,9 +436,10 @@ pub(crate) async fn settle_released(
     at: u64,
 ) -> Result<(), sqlx::Error> {
     let rows: Vec<ReleasedRow> = sqlx::query_as(
-        "SELECT ri.container_id, ri.target_generation, c.state, c.applied_generation, c.status, \
-         c.status_generation, c.status_reason FROM rollout_items ri JOIN containers c ON c.id = ri.container_id \
-         WHERE ri.rollout_id = $1 AND ri.state = 'released'",
+        "SELECT ri.container_id, ri.target_generation, c.state, c.applied_generation, \
+         c.status, c.status_generation, c.status_reason FROM rollout_items ri \
+         JOIN containers c ON c.id = ri.container_id WHERE ri.rollout_id = $1 \
+         AND ri.state = 'released'",
     )
     .bind(rollout)
     .fetch_all(&mut **tx)
@@ -437,7 +454,8 @@ pub(crate) async fn settle_released(
             continue;
         };
         sqlx::query(
-            "UPDATE rollout_items SET state = $1, finished_at = $2, reason = $3 WHERE rollout_id = $4 AND container_id = $5",
+            "UPDATE rollout_items SET state = $1, finished_at = $2, reason = $3 \
+             WHERE rollout_id = $4 AND container_id = $5",
         )
         .bind(new_state)
         .bind(to_i64(at))
@@ -496,7 +514,8 @@ async fn item_counts(tx: &mut Tx, rollout: &str) -> Result<Counts, sqlx::Error> 
 
 async fn rollout_view(tx: &mut Tx, id: &str) -> ServiceResult<RolloutView> {
     let row = sqlx::query(
-        "SELECT id, reason, state, batch_size, max_in_flight, failure_threshold, created_at FROM rollouts WHERE id = $1",
+        "SELECT id, reason, state, batch_size, max_in_flight, failure_threshold, created_at \
+         FROM rollouts WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(&mut **tx)
@@ -504,8 +523,8 @@ async fn rollout_view(tx: &mut Tx, id: &str) -> ServiceResult<RolloutView> {
     .ok_or_else(|| ServiceError::not_found(format!("rollout {id} does not exist")))?;
     let counts = item_counts(tx, id).await?;
     let (batches, largest): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), COALESCE(MAX(n), 0) FROM \
-         (SELECT batch, COUNT(*) AS n FROM rollout_items WHERE rollout_id = $1 AND batch IS NOT NULL GROUP BY batch) b",
+        "SELECT COUNT(*), COALESCE(MAX(n), 0) FROM (SELECT batch, COUNT(*) AS n \
+         FROM rollout_items WHERE rollout_id = $1 AND batch IS NOT NULL GROUP BY batch) b",
     )
     .bind(id)
     .fetch_one(&mut **tx)

@@ -6,14 +6,14 @@ use std::collections::BTreeSet;
 use keyward_common::ids::{GroupName, UserName};
 
 use super::containers::{insert_key, revoke_keys};
-use super::{Service, ServiceError, ServiceResult, new_id, now};
+use super::{Service, ServiceError, ServiceResult, conflict_if_taken, new_id, now};
 use crate::api::{
     AddMemberRequest, AddUserKeyRequest, ChangeOutcome, CreateGroupRequest, CreateUserRequest,
     GroupView, KeyView, RolloutOverrides, UserView,
 };
 use crate::audit::{self, NewEntry};
 use crate::sshkeys;
-use crate::store::{Tx, is_unique_violation, to_i64};
+use crate::store::{Tx, to_i64};
 
 fn user_name(name: &str) -> ServiceResult<UserName> {
     UserName::new(name).map_err(|e| ServiceError::bad_request(e.to_string()))
@@ -48,8 +48,8 @@ async fn containers_of_groups(tx: &mut Tx, groups: &[String]) -> ServiceResult<V
     let mut out = BTreeSet::new();
     for group in groups {
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT cg.container_id FROM container_groups cg JOIN containers c ON c.id = cg.container_id \
-             WHERE cg.group_name = $1 AND c.state = 'active'",
+            "SELECT cg.container_id FROM container_groups cg JOIN containers c \
+             ON c.id = cg.container_id WHERE cg.group_name = $1 AND c.state = 'active'",
         )
         .bind(group)
         .fetch_all(&mut **tx)
@@ -94,18 +94,14 @@ impl Service {
             .bind(to_i64(at))
             .execute(&mut *tx)
             .await;
-        match inserted {
-            Err(e) if is_unique_violation(&e) => {
-                return Err(ServiceError::conflict(format!(
-                    "user {name} already exists"
-                )));
-            }
-            other => other?,
-        };
+        conflict_if_taken(inserted, || format!("user {name} already exists"))?;
         let mut entries = vec![(
             "user.add".to_string(),
             name.to_string(),
-            serde_json::json!({ "keys": keys.iter().map(|k| &k.fingerprint).collect::<Vec<_>>(), "groups": groups }),
+            serde_json::json!({
+                "keys": keys.iter().map(|k| &k.fingerprint).collect::<Vec<_>>(),
+                "groups": groups,
+            }),
         )];
         for key in &keys {
             let id = self.add_key_row(&mut tx, name.as_str(), key, at).await?;
@@ -163,7 +159,8 @@ impl Service {
         at: u64,
     ) -> ServiceResult<String> {
         let taken: Option<String> = sqlx::query_scalar(
-            "SELECT user_name FROM keys WHERE kind = 'user' AND state = 'active' AND fingerprint = $1",
+            "SELECT user_name FROM keys WHERE kind = 'user' AND state = 'active' \
+             AND fingerprint = $1",
         )
         .bind(&key.fingerprint)
         .fetch_optional(&mut **tx)
@@ -203,7 +200,8 @@ impl Service {
         let groups = groups_of_user(&mut tx, name.as_str()).await?;
         let affected = containers_of_groups(&mut tx, &groups).await?;
         let keys: Vec<(String, String)> = sqlx::query_as(
-            "SELECT id, fingerprint FROM keys WHERE kind = 'user' AND user_name = $1 AND state = 'active'",
+            "SELECT id, fingerprint FROM keys WHERE kind = 'user' AND user_name = $1 \
+             AND state = 'active'",
         )
         .bind(name.as_str())
         .fetch_all(&mut *tx)
@@ -253,7 +251,8 @@ impl Service {
         require_user(&mut tx, name).await?;
         let groups = groups_of_user(&mut tx, name).await?;
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM keys WHERE kind = 'user' AND user_name = $1 AND state = 'active' ORDER BY created_at, id",
+            "SELECT id FROM keys WHERE kind = 'user' AND user_name = $1 \
+             AND state = 'active' ORDER BY created_at, id",
         )
         .bind(name)
         .fetch_all(&mut *tx)
@@ -283,14 +282,7 @@ impl Service {
             .bind(to_i64(at))
             .execute(&mut *tx)
             .await;
-        match inserted {
-            Err(e) if is_unique_violation(&e) => {
-                return Err(ServiceError::conflict(format!(
-                    "group {name} already exists"
-                )));
-            }
-            other => other?,
-        };
+        conflict_if_taken(inserted, || format!("group {name} already exists"))?;
         let details = serde_json::json!({});
         audit::append(
             &mut tx,
@@ -362,14 +354,9 @@ impl Service {
                 .bind(uname.as_str())
                 .execute(&mut *tx)
                 .await;
-        match inserted {
-            Err(e) if is_unique_violation(&e) => {
-                return Err(ServiceError::conflict(format!(
-                    "user {uname} is already in group {gname}"
-                )));
-            }
-            other => other?,
-        };
+        conflict_if_taken(inserted, || {
+            format!("user {uname} is already in group {gname}")
+        })?;
         let affected = containers_of_groups(&mut tx, &[gname.to_string()]).await?;
         let entries = vec![(
             "group.add_member".to_string(),
@@ -429,8 +416,8 @@ impl Service {
             .fetch_all(self.store.pool())
             .await?;
             let containers: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM container_groups cg JOIN containers c ON c.id = cg.container_id \
-                 WHERE cg.group_name = $1 AND c.state = 'active'",
+                "SELECT COUNT(*) FROM container_groups cg JOIN containers c \
+                 ON c.id = cg.container_id WHERE cg.group_name = $1 AND c.state = 'active'",
             )
             .bind(&name)
             .fetch_one(self.store.pool())

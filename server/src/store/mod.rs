@@ -43,7 +43,8 @@ pub enum StoreError {
     UnsupportedUrl,
     /// The schema is newer than this binary knows.
     #[error(
-        "database schema version {found} is newer than this server's {supported}; upgrade the server"
+        "database schema version {found} is newer than this server's {supported}; upgrade the \
+         server"
     )]
     SchemaTooNew {
         /// Version found in the database.

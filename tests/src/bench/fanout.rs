@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use super::fleet::{BareServer, bare_fanout, client_to, enroll_many};
 use super::{compare, header, row};
 use crate::node::FakeNode;
+use crate::operator;
 use crate::server::{ServerOptions, TestServer};
 
 /// The generation of the first manifest in a watch answer, read without verification (the
@@ -40,15 +41,8 @@ async fn setup_containers(op: &ApiClient, nodes: &[Arc<FakeNode>]) {
             let _permit = permits.acquire_owned().await.expect("semaphore");
             node.report_image("keyward/sshd:latest").await;
             let request = CreateContainerRequest {
-                node: node.id.to_string(),
-                name: "web".into(),
-                image: "keyward/sshd".into(),
-                image_id: None,
                 groups: vec!["all".into()],
-                command: vec![],
-                env: vec![],
-                ports: vec![],
-                files: vec![],
+                ..operator::ssh_container(node.id.as_str(), "web", "keyward/sshd", None)
             };
             let _: serde_json::Value = op
                 .post_json("/v1/containers", &request)

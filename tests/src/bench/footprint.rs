@@ -5,14 +5,13 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use keyward_common::manifest::{PortMapping, Protocol};
-use keyward_server::api::{AccessKeyResponse, ContainerView, CreateContainerRequest, NodeView};
+use keyward_server::api::{AccessKeyResponse, ContainerView};
 
 use super::{cpu_time, header, rss_kib};
 use crate::agent::TestAgent;
 use crate::docker::{self, Cleanup, base_image_id};
 use crate::server::{ServerOptions, TestServer};
-use crate::{free_port, unique, wait};
+use crate::{free_port, operator, unique, wait};
 
 /// Runs the benchmark with `containers` containers and an idle window of `window`.
 pub async fn run(containers: usize, window: Duration) {
@@ -26,29 +25,11 @@ pub async fn run(containers: usize, window: Duration) {
     let server = TestServer::start(ServerOptions::default());
     let agent = TestAgent::enroll_and_start(&server, &node).await;
     let op = server.operator();
-    wait::until("the inventory", Duration::from_secs(30), || async {
-        let view: NodeView = op.get_json(&format!("/v1/nodes/{node}")).await.ok()?;
-        (!view.inventory.is_empty()).then_some(())
-    })
-    .await;
+    operator::wait_inventory(&op, &node).await;
     let mut ids = Vec::new();
     for i in 0..containers {
-        let request = CreateContainerRequest {
-            node: node.clone(),
-            name: format!("c{i}"),
-            image: docker::BASE_IMAGE.into(),
-            image_id: None,
-            groups: vec![],
-            command: vec![],
-            env: vec![],
-            ports: vec![PortMapping {
-                container_port: 22,
-                protocol: Protocol::Tcp,
-                host_ip: [127, 0, 0, 1].into(),
-                host_port: free_port(),
-            }],
-            files: vec![],
-        };
+        let name = format!("c{i}");
+        let request = operator::ssh_container(&node, &name, docker::BASE_IMAGE, Some(free_port()));
         let created: AccessKeyResponse = op.post_json("/v1/containers", &request).await.unwrap();
         ids.push(created.container.id);
     }

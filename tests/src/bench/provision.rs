@@ -13,14 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keyward_common::client::ApiClient;
-use keyward_common::manifest::{PortMapping, Protocol};
-use keyward_server::api::{AccessKeyResponse, ContainerView, CreateContainerRequest, NodeView};
+use keyward_server::api::{AccessKeyResponse, ContainerView};
 
 use super::{compare, header, ms, row};
 use crate::agent::TestAgent;
 use crate::docker::{self, Cleanup, base_image_id};
 use crate::server::{ServerOptions, TestServer};
-use crate::{free_port, unique};
+use crate::{free_port, operator, unique};
 
 /// Engine `start` events of containers with a keyward container label: id -> unix nanoseconds.
 struct StartEvents {
@@ -161,11 +160,7 @@ pub async fn run(runs: usize) {
     let server = TestServer::start(ServerOptions::default());
     let agent = TestAgent::enroll_and_start(&server, &node).await;
     let op = server.operator();
-    crate::wait::until("the agent's inventory", Duration::from_secs(30), || async {
-        let view: NodeView = op.get_json(&format!("/v1/nodes/{node}")).await.ok()?;
-        (!view.inventory.is_empty()).then_some(())
-    })
-    .await;
+    operator::wait_inventory(&op, &node).await;
     let events = StartEvents::watch(&node);
     let base = base_image_id();
     let dir = tempfile::tempdir().unwrap();
@@ -218,13 +213,7 @@ pub async fn run(runs: usize) {
 
         // keyward: destroy -> wipe confirmed.
         let t = Instant::now();
-        let _: ContainerView = op
-            .post_json(
-                &format!("/v1/containers/{id}/destroy"),
-                &serde_json::json!({}),
-            )
-            .await
-            .unwrap();
+        operator::destroy(&op, &id).await;
         wait_view(&op, &id, |v| v.state == "destroyed").await;
         destroy_k.push(ms(t.elapsed()));
 
@@ -253,22 +242,7 @@ fn ssh_public(private: &str) -> String {
 }
 
 async fn create(op: &ApiClient, node: &str, name: &str) -> AccessKeyResponse {
-    let request = CreateContainerRequest {
-        node: node.into(),
-        name: name.into(),
-        image: docker::BASE_IMAGE.into(),
-        image_id: None,
-        groups: vec![],
-        command: vec![],
-        env: vec![],
-        ports: vec![PortMapping {
-            container_port: 22,
-            protocol: Protocol::Tcp,
-            host_ip: [127, 0, 0, 1].into(),
-            host_port: free_port(),
-        }],
-        files: vec![],
-    };
+    let request = operator::ssh_container(node, name, docker::BASE_IMAGE, Some(free_port()));
     op.post_json("/v1/containers", &request)
         .await
         .expect("create")

@@ -17,10 +17,10 @@ use clap::Parser;
 use keyward_common::client::ApiClient;
 use keyward_server::api::{
     AccessKeyResponse, ChangeOutcome, ContainerView, CreateContainerRequest, CreateGroupRequest,
-    CreateTokenRequest, CreateUserRequest, FileSpec, KeyView, NodeView, RolloutOverrides,
-    RolloutView, TokenResponse,
+    CreateTokenRequest, CreateUserRequest, KeyView, NodeView, RolloutOverrides, RolloutView,
+    TokenResponse,
 };
-use keyward_tests::{docker, ssh};
+use keyward_tests::{docker, operator, ssh};
 
 /// Run keyward end to end on this machine: server, agent, a container you can SSH into.
 #[derive(Debug, Parser)]
@@ -381,28 +381,9 @@ async fn setup(args: &Args, steps: &mut Steps) -> anyhow::Result<Setup> {
     let (container, key_path) = steps
         .run("provision a container and wait until it runs", async {
             let request = CreateContainerRequest {
-                node: NODE.into(),
-                name: "demo".into(),
-                image: args.image.clone(),
-                image_id: None,
                 groups: vec!["local".into()],
-                command: vec![],
-                env: vec![],
-                ports: vec![keyward_common::manifest::PortMapping {
-                    container_port: 22,
-                    protocol: keyward_common::manifest::Protocol::Tcp,
-                    host_ip: [127, 0, 0, 1].into(),
-                    host_port: port,
-                }],
-                files: vec![FileSpec {
-                    path: "/etc/keyward/canary".into(),
-                    mode: Some(0o400),
-                    uid: None,
-                    gid: None,
-                    content_base64: keyward_common::secret::SecretString::new(
-                        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &canary),
-                    ),
-                }],
+                files: vec![operator::secret_file("/etc/keyward/canary", &canary)],
+                ..operator::ssh_container(NODE, "demo", &args.image, Some(port))
             };
             let created: AccessKeyResponse = op.post_json("/v1/containers", &request).await?;
             let key_path = data.join("access_key");
