@@ -48,7 +48,6 @@ impl Service {
     pub(crate) async fn start_rollout(
         &self,
         tx: &mut Tx,
-        _revision: u64,
         actor: &str,
         reason: &str,
         containers: &[String],
@@ -123,7 +122,7 @@ impl Service {
         policy: RolloutOverrides,
     ) -> ServiceResult<Option<String>> {
         let Some(id) = self
-            .start_rollout(&mut tx, revision, actor, reason, containers, policy)
+            .start_rollout(&mut tx, actor, reason, containers, policy)
             .await?
         else {
             tx.commit().await?;
