@@ -399,6 +399,30 @@ async fn every_endpoint_works_end_to_end(s: &TestServer) {
         .await
         .container
         .id;
+    // A listing reads all of a node's containers at once; each entry is what `show` answers.
+    let listed: Vec<ContainerView> = op.get_json("/v1/containers?node=n1").await.unwrap();
+    let mut ids: Vec<&str> = listed.iter().map(|v| v.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut expected = [c.id.as_str(), second.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    for view in &listed {
+        let shown: ContainerView = op
+            .get_json(&format!("/v1/containers/{}", view.id))
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(view).unwrap(),
+            serde_json::to_value(&shown).unwrap()
+        );
+    }
+    let second_view = listed.iter().find(|v| v.id == second).unwrap();
+    assert_eq!(
+        (second_view.groups.as_slice(), second_view.state.as_str()),
+        (["ops".to_string()].as_slice(), "active")
+    );
+    let elsewhere: Vec<ContainerView> = op.get_json("/v1/containers?node=n2").await.unwrap();
+    assert!(elsewhere.is_empty());
     let bob_key = user_key("bob@laptop");
     let _: ChangeOutcome = op
         .post_json(

@@ -1,6 +1,6 @@
 //! Containers: create, rotate, destroy, list and show.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -380,18 +380,7 @@ impl Service {
     /// Lists containers, optionally of one node, newest first.
     pub async fn list_containers(&self, node: Option<&str>) -> ServiceResult<Vec<ContainerView>> {
         let mut conn = self.store.pool().begin().await?;
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM containers WHERE ($1 IS NULL OR node_id = $1) \
-             ORDER BY created_at DESC, id",
-        )
-        .bind(node)
-        .fetch_all(&mut *conn)
-        .await?;
-        let mut views = Vec::with_capacity(ids.len());
-        for id in ids {
-            views.push(self.container_view(&mut conn, &id).await?);
-        }
-        Ok(views)
+        container_views(&mut conn, None, node).await
     }
 
     /// Shows one container.
@@ -405,41 +394,67 @@ impl Service {
         tx: &mut Tx,
         id: &str,
     ) -> ServiceResult<ContainerView> {
-        let row = sqlx::query(
-            "SELECT c.id, c.name, c.node_id, c.state, c.image_ref, c.image_id, \
-             c.generation, c.applied_generation, c.status, c.status_reason, \
-             k.fingerprint, c.known_hosts, c.run_settings FROM containers c JOIN keys k \
-             ON k.id = c.access_key_id WHERE c.id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or_else(|| ServiceError::not_found(format!("container {id} does not exist")))?;
-        let groups: Vec<String> = sqlx::query_scalar(
-            "SELECT group_name FROM container_groups WHERE container_id = $1 ORDER BY group_name",
-        )
-        .bind(id)
-        .fetch_all(&mut **tx)
-        .await?;
-        let run: RunSettings = serde_json::from_str(&row.try_get::<String, _>(12)?)
-            .map_err(|e| ServiceError::internal(&e))?;
-        Ok(ContainerView {
-            id: row.try_get(0)?,
-            name: row.try_get(1)?,
-            node: row.try_get(2)?,
-            state: row.try_get(3)?,
-            image: row.try_get(4)?,
-            image_id: row.try_get(5)?,
-            groups,
-            generation: to_u64(row.try_get(6)?),
-            applied_generation: to_u64(row.try_get(7)?),
-            status: row.try_get(8)?,
-            status_reason: row.try_get(9)?,
-            access_key_fingerprint: row.try_get(10)?,
-            known_hosts: row.try_get(11)?,
-            ports: run.ports,
-        })
+        container_views(tx, Some(id), None)
+            .await?
+            .pop()
+            .ok_or_else(|| ServiceError::not_found(format!("container {id} does not exist")))
     }
+}
+
+/// The containers matching `id` and `node` (either may be absent), newest first, read with two
+/// queries however many there are.
+async fn container_views(
+    tx: &mut Tx,
+    id: Option<&str>,
+    node: Option<&str>,
+) -> ServiceResult<Vec<ContainerView>> {
+    let rows = sqlx::query(
+        "SELECT c.id, c.name, c.node_id, c.state, c.image_ref, c.image_id, \
+         c.generation, c.applied_generation, c.status, c.status_reason, \
+         k.fingerprint, c.known_hosts, c.run_settings FROM containers c JOIN keys k \
+         ON k.id = c.access_key_id WHERE ($1 IS NULL OR c.id = $1) \
+         AND ($2 IS NULL OR c.node_id = $2) ORDER BY c.created_at DESC, c.id",
+    )
+    .bind(id)
+    .bind(node)
+    .fetch_all(&mut **tx)
+    .await?;
+    let memberships: Vec<(String, String)> = sqlx::query_as(
+        "SELECT cg.container_id, cg.group_name FROM container_groups cg \
+         JOIN containers c ON c.id = cg.container_id WHERE ($1 IS NULL OR c.id = $1) \
+         AND ($2 IS NULL OR c.node_id = $2) ORDER BY cg.group_name",
+    )
+    .bind(id)
+    .bind(node)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+    for (container, group) in memberships {
+        groups.entry(container).or_default().push(group);
+    }
+    rows.iter()
+        .map(|row| {
+            let id: String = row.try_get(0)?;
+            let run: RunSettings = serde_json::from_str(&row.try_get::<String, _>(12)?)
+                .map_err(|e| ServiceError::internal(&e))?;
+            Ok(ContainerView {
+                groups: groups.remove(&id).unwrap_or_default(),
+                id,
+                name: row.try_get(1)?,
+                node: row.try_get(2)?,
+                state: row.try_get(3)?,
+                image: row.try_get(4)?,
+                image_id: row.try_get(5)?,
+                generation: to_u64(row.try_get(6)?),
+                applied_generation: to_u64(row.try_get(7)?),
+                status: row.try_get(8)?,
+                status_reason: row.try_get(9)?,
+                access_key_fingerprint: row.try_get(10)?,
+                known_hosts: row.try_get(11)?,
+                ports: run.ports,
+            })
+        })
+        .collect()
 }
 
 /// Inserts a key row.
